@@ -1,0 +1,16 @@
+"""The table of CLI commands: name -> function. Each command module is listed here (one line each).
+
+Command modules import only typer and the standard library at top level; everything heavy is imported
+inside the command function, so ``proseg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from proseg.cli.version import version
+
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "version": version,
+}

@@ -1,0 +1,38 @@
+"""The ``proseg`` command line (Typer). Each command lives in its own module; heavy imports (torch,
+h5py, nibabel ...) happen inside the command functions so that ``proseg --help`` starts fast."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="proseg",
+    help="Probabilistic multi-rater medical image segmentation: prepare data, train, evaluate, predict, score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Probabilistic multi-rater medical image segmentation."""
+
+
+def _register() -> None:
+    # Each module defines a plain function with Typer annotations and only light imports at top level.
+    from proseg.cli import commands
+
+    for name, func in commands.COMMANDS.items():
+        app.command(name)(func)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Models: ProSeg and its baselines behind one API (see :class:`proseg.models.base.MultiRaterModel`).
+
+Importing this package registers every built-in model; build one with :func:`create_model`.
+"""
+
+from proseg.models.base import MultiRaterModel, NotSupportedError, load_model, save_model
+from proseg.models.registry import create_model, get_model_class, list_models, register_model
+
+# Built-in models register themselves on import (one module per model; add new ones here).
+
+__all__ = [
+    "MultiRaterModel",
+    "NotSupportedError",
+    "create_model",
+    "get_model_class",
+    "list_models",
+    "load_model",
+    "register_model",
+    "save_model",
+]
