@@ -7,6 +7,8 @@ from proseg.models.base import MultiRaterModel, NotSupportedError, load_model, s
 from proseg.models.registry import create_model, get_model_class, list_models, register_model
 
 # Built-in models register themselves on import (one module per model; add new ones here).
+from proseg.models import confusion  # noqa: F401  # isort: skip
+from proseg.models import pionono  # noqa: F401  # isort: skip
 
 __all__ = [
     "MultiRaterModel",
