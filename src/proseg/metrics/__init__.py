@@ -1,0 +1,29 @@
+"""Multi-rater segmentation metrics: GED (V/U), Dice_soft, Dice_max (both ways), Dice_match, per-rater Dice,
+CIMD's CI score and PHiSeg's S_NCC, with explicit empty-mask conventions, plus dataset-level aggregation.
+
+See ``docs/metrics.md`` for every definition and the quirks of the published reference code.
+"""
+
+from proseg.metrics.case import RECORD_KEYS, batch_case_metrics, case_metrics
+from proseg.metrics.ci import CIScore, ci_score
+from proseg.metrics.dice import DEFAULT_THRESHOLDS, dice_matrix
+from proseg.metrics.ged import ESTIMATORS, GEDTerms, generalized_energy_distance
+from proseg.metrics.ncc import s_ncc
+from proseg.metrics.pairwise import CONVENTIONS, pairwise_dice, pairwise_iou
+
+__all__ = [
+    "CONVENTIONS",
+    "DEFAULT_THRESHOLDS",
+    "ESTIMATORS",
+    "RECORD_KEYS",
+    "CIScore",
+    "GEDTerms",
+    "batch_case_metrics",
+    "case_metrics",
+    "ci_score",
+    "dice_matrix",
+    "generalized_energy_distance",
+    "pairwise_dice",
+    "pairwise_iou",
+    "s_ncc",
+]

@@ -1,0 +1,186 @@
+"""All metrics of one case (or of a batch of cases) in one call: the record behind ``proseg score --json``.
+
+``case_metrics(labels, preds, convention=..., estimator=..., thresholds=...)`` returns a plain dict (JSON
+ready: Python floats, lists and strings) with exactly these keys, in this order:
+
+``ged``, ``ged_cross``, ``ged_labels``, ``ged_preds``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
+``dice_match``, ``dice_per_rater_matched`` (list of N), ``dice_per_rater`` (list of N, only when M == N),
+``ci_score``, ``s_ncc``, ``convention``, ``estimator``, ``num_labels``, ``num_predictions``.
+
+What the convention changes (see :mod:`proseg.metrics.pairwise`): the empty-mask rule and smoothing of the
+IoU in GED and of the Dice in Dice_soft / Dice_max / Dice_match / per-rater Dice. ``"reference"`` reproduces
+D-Persona/ProSeg's ``lib/metrics_set.py``. The CI score and S_NCC are not in that code and are computed the
+same way under both conventions (standard empty-mask rules). NaN marks an undefined value (U-statistic with
+one mask, S_NCC of a constant map, per-rater matched Dice of an unmatched rater when N > M).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from proseg.metrics.ci import ci_from_flat
+from proseg.metrics.dice import (
+    DEFAULT_THRESHOLDS,
+    check_thresholds,
+    dice_match_from_matrix,
+    dice_max_from_matrix,
+    dice_per_rater_aligned,
+    dice_soft_from_flat,
+)
+from proseg.metrics.ged import Estimator, check_estimator, ged_from_flat
+from proseg.metrics.inputs import FlatCases, flatten_cases
+from proseg.metrics.ncc import s_ncc_from_flat
+from proseg.metrics.pairwise import Convention, check_convention, pairwise_dice, pairwise_intersections
+
+SCALAR_KEYS: tuple[str, ...] = (
+    "ged",
+    "ged_cross",
+    "ged_labels",
+    "ged_preds",
+    "dice_soft",
+    "dice_max",
+    "dice_max_reverse",
+    "dice_match",
+    "ci_score",
+    "s_ncc",
+)
+LIST_KEYS: tuple[str, ...] = ("dice_per_rater_matched", "dice_per_rater")
+INFO_KEYS: tuple[str, ...] = ("convention", "estimator", "num_labels", "num_predictions")
+RECORD_KEYS: tuple[str, ...] = (
+    "ged",
+    "ged_cross",
+    "ged_labels",
+    "ged_preds",
+    "dice_soft",
+    "dice_max",
+    "dice_max_reverse",
+    "dice_match",
+    "dice_per_rater_matched",
+    "dice_per_rater",
+    "ci_score",
+    "s_ncc",
+    *INFO_KEYS,
+)
+"""Every key a record can have, in output order (``dice_per_rater`` only when M == N)."""
+
+
+def _f(x: torch.Tensor | float) -> float:
+    return float(x)
+
+
+def _records_from_flat(
+    flat: FlatCases,
+    convention: Convention,
+    estimator: Estimator,
+    thresholds: tuple[float, ...],
+) -> list[dict[str, Any]]:
+    labels, preds_b, preds_s = flat.labels, flat.preds_binary, flat.preds_soft
+    if labels.dim() == 2:  # single case -> batch of one
+        labels, preds_b, preds_s = labels.unsqueeze(0), preds_b.unsqueeze(0), preds_s.unsqueeze(0)
+    # The three Gram matrices are shared by GED, the Dice matrix and the CI score.
+    i_lp = pairwise_intersections(labels, preds_b)
+    i_ll = pairwise_intersections(labels, labels)
+    i_pp = pairwise_intersections(preds_b, preds_b)
+    ged = ged_from_flat(labels, preds_b, convention, estimator, intersections=(i_lp, i_ll, i_pp))
+    d = pairwise_dice(labels, preds_b, convention, inter=i_lp)
+    d_std = d if convention == "standard" else pairwise_dice(labels, preds_b, "standard", inter=i_lp)
+    dmax = dice_max_from_matrix(d)
+    aligned = dice_per_rater_aligned(d)
+    soft = dice_soft_from_flat(labels, preds_s, thresholds, convention)
+    ci = ci_from_flat(labels, preds_b, d_std, inter_labels=i_ll, inter_preds=i_pp)
+    ncc = s_ncc_from_flat(labels, preds_s)
+
+    n, m = int(labels.shape[-2]), int(preds_b.shape[-2])
+    records: list[dict[str, Any]] = []
+    for b in range(labels.shape[0]):  # per-case assembly; the heavy work above is batched
+        match = dice_match_from_matrix(d[b])
+        rec: dict[str, Any] = {
+            "ged": _f(ged.ged[b]),
+            "ged_cross": _f(ged.cross[b]),
+            "ged_labels": _f(ged.labels[b]),
+            "ged_preds": _f(ged.preds[b]),
+            "dice_soft": _f(soft[b]),
+            "dice_max": _f(dmax.dice_max[b]),
+            "dice_max_reverse": _f(dmax.dice_max_reverse[b]),
+            "dice_match": match.dice_match,
+            "dice_per_rater_matched": [float(v) for v in match.per_rater],
+        }
+        if aligned is not None:
+            rec["dice_per_rater"] = [float(v) for v in aligned[b].tolist()]
+        rec["ci_score"] = _f(ci.ci[b])
+        rec["s_ncc"] = _f(ncc[b])
+        rec["convention"] = convention
+        rec["estimator"] = estimator
+        rec["num_labels"] = n
+        rec["num_predictions"] = m
+        records.append(rec)
+    return records
+
+
+def case_metrics(
+    labels: object,
+    preds: object,
+    convention: Convention = "standard",
+    estimator: Estimator = "v",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> dict[str, Any]:
+    """Every metric of one case.
+
+    Args:
+        labels: ``(N, *S)`` binary masks (bool or 0/1), ``*S`` = ``(H, W)`` or ``(D, H, W)``; NumPy or torch.
+        preds: ``(M, *S)`` foreground probabilities in ``[0, 1]`` (or binary masks). Binarised with ``> 0.5``
+            for GED, the Dice matrix and CI; used soft for Dice_soft and S_NCC.
+        convention: ``"standard"`` (IoU(∅,∅) = Dice(∅,∅) = 1) or ``"reference"`` (D-Persona/ProSeg code).
+        estimator: GED within-set estimator, ``"v"`` (pairs include ``i = i′``) or ``"u"`` (``i ≠ i′``).
+        thresholds: Dice_soft thresholds (strict ``>``).
+
+    Returns:
+        A dict with the keys of ``proseg score --json`` (see the module docstring).
+
+    Raises:
+        ValueError: shape mismatch, non-binary labels, predictions outside ``[0, 1]``, unknown options.
+
+    Example:
+        >>> import torch
+        >>> labels = torch.zeros(2, 8, 8); labels[0, 2:6, 2:6] = 1; labels[1, 2:6, 2:7] = 1
+        >>> rec = case_metrics(labels, labels)
+        >>> rec["ged"], rec["dice_match"], rec["dice_per_rater"]
+        (0.0, 1.0, [1.0, 1.0])
+    """
+    check_convention(convention)
+    check_estimator(estimator)
+    ts = check_thresholds(thresholds)
+    flat = flatten_cases(labels, preds)
+    return _records_from_flat(flat, convention, estimator, ts)[0]
+
+
+def batch_case_metrics(
+    labels: object,
+    preds: object,
+    convention: Convention = "standard",
+    estimator: Estimator = "v",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> list[dict[str, Any]]:
+    """:func:`case_metrics` for ``B`` cases of the same shape at once (batched matrix products).
+
+    Args:
+        labels: ``(B, N, *S)`` binary masks.
+        preds: ``(B, M, *S)`` probabilities or binary masks.
+
+    Returns:
+        ``B`` records, identical to calling :func:`case_metrics` per case.
+    """
+    check_convention(convention)
+    check_estimator(estimator)
+    ts = check_thresholds(thresholds)
+    flat = flatten_cases(labels, preds, batched=True)
+    return _records_from_flat(flat, convention, estimator, ts)
+
+
+def is_nan(x: object) -> bool:
+    """True for a float NaN (helper for writers of records)."""
+    return isinstance(x, float) and math.isnan(x)

@@ -1,0 +1,138 @@
+"""Pairwise overlap of two sets of binary masks through matrix products.
+
+Everything here works on *flattened* masks: a set of ``N`` masks of spatial shape ``*S`` (2D ``(H, W)`` or
+3D ``(D, H, W)``) is a ``(N, P)`` tensor with ``P = prod(S)``, optionally with leading batch dimensions
+``(B, N, P)`` (one row of the batch = one case). A 3D volume is one mask: it is scored as a volume, never
+per slice.
+
+The intersection counts of every pair are one matrix product ``A @ B.T`` on 0/1 floats, so the memory is
+``O((N + M) * P + N * M)``: no ``N x M x P`` tensor is ever built and there is no Python loop over pairs.
+The products are exact: 0/1 values and integer partial sums are exact in float32 below ``2**24`` pixels per
+mask and in float64 above that (the dtype is chosen accordingly).
+
+Empty-mask conventions (``convention``):
+
+- ``"standard"``: ``IoU(∅, ∅) = 1`` and ``Dice(∅, ∅) = 1``; one empty and one non-empty mask give 0;
+  otherwise the exact ratios ``|A∩B| / |A∪B|`` and ``2|A∩B| / (|A| + |B|)``.
+- ``"reference"``: the published D-Persona/ProSeg code (``lib/metrics_set.py``):
+  ``IoU = |A∩B| / (|A∪B| + 1e-8)`` (so ``IoU(∅, ∅) = 0``: two empty masks are at IoU-distance 1, the
+  smoothing term hides the NaN → 1 rule written next to it) and
+  ``Dice = (2|A∩B| + 1e-8) / (|A| + |B| + 1e-8)`` (so ``Dice(∅, ∅) = 1``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Convention = Literal["standard", "reference"]
+CONVENTIONS: tuple[str, ...] = ("standard", "reference")
+
+# Smoothing constants of the reference code (lib/metrics_set.py: `iou` and `compute_dice_accuracy`).
+REFERENCE_IOU_SMOOTH = 1e-8
+REFERENCE_DICE_SMOOTH = 1e-8
+
+# Above this many pixels per mask, float32 can no longer count exactly.
+_FLOAT32_EXACT_LIMIT = 2**24
+
+
+def check_convention(convention: str) -> None:
+    """Raise ``ValueError`` unless ``convention`` is one of :data:`CONVENTIONS`."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+def count_dtype(num_pixels: int, device: torch.device) -> torch.dtype:
+    """The float dtype in which 0/1 counting over ``num_pixels`` pixels is exact."""
+    del device  # same rule on CPU and GPU; kept in the signature for clarity at call sites
+    return torch.float32 if num_pixels < _FLOAT32_EXACT_LIMIT else torch.float64
+
+
+def as_counting(masks: torch.Tensor) -> torch.Tensor:
+    """Binary masks ``(..., P)`` (bool or 0/1 numbers) -> 0/1 floats in an exact counting dtype."""
+    dtype = count_dtype(masks.shape[-1], masks.device)
+    if masks.dtype == torch.bool:
+        return masks.to(dtype)
+    return (masks != 0).to(dtype)
+
+
+def pairwise_intersections(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection counts of every pair.
+
+    Args:
+        a: ``(..., N, P)`` 0/1 floats (see :func:`as_counting`).
+        b: ``(..., M, P)`` 0/1 floats, same leading dims and dtype as ``a``.
+
+    Returns:
+        ``(..., N, M)`` float64 tensor: ``|a_i ∩ b_j|``.
+    """
+    return torch.matmul(a, b.transpose(-1, -2)).to(torch.float64)
+
+
+def pairwise_iou(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    convention: Convention = "standard",
+    *,
+    inter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """IoU of the foreground of every pair ``(a_i, b_j)``.
+
+    Args:
+        a: ``(..., N, P)`` 0/1 floats.
+        b: ``(..., M, P)`` 0/1 floats.
+        convention: empty-mask rule, see the module docstring.
+        inter: precomputed :func:`pairwise_intersections` (optional).
+
+    Returns:
+        ``(..., N, M)`` float64 in ``[0, 1]``.
+    """
+    check_convention(convention)
+    if inter is None:
+        inter = pairwise_intersections(a, b)
+    size_a = a.sum(-1, dtype=torch.float64).unsqueeze(-1)
+    size_b = b.sum(-1, dtype=torch.float64).unsqueeze(-2)
+    union = size_a + size_b - inter
+    if convention == "reference":
+        return inter / (union + REFERENCE_IOU_SMOOTH)
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+
+
+def pairwise_dice(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    convention: Convention = "standard",
+    *,
+    inter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dice of the foreground of every pair ``(a_i, b_j)``.
+
+    Args:
+        a: ``(..., N, P)`` 0/1 floats.
+        b: ``(..., M, P)`` 0/1 floats.
+        convention: empty-mask rule, see the module docstring.
+        inter: precomputed :func:`pairwise_intersections` (optional).
+
+    Returns:
+        ``(..., N, M)`` float64 in ``[0, 1]``.
+    """
+    check_convention(convention)
+    if inter is None:
+        inter = pairwise_intersections(a, b)
+    total = a.sum(-1, dtype=torch.float64).unsqueeze(-1) + b.sum(-1, dtype=torch.float64).unsqueeze(-2)
+    if convention == "reference":
+        return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
+    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+
+
+def dice(a: torch.Tensor, b: torch.Tensor, convention: Convention = "standard") -> torch.Tensor:
+    """Dice of two single masks (or two aligned batches) ``(..., P)`` -> ``(...)`` float64."""
+    check_convention(convention)
+    a = as_counting(a)
+    b = as_counting(b)
+    inter = (a * b).sum(-1, dtype=torch.float64)
+    total = a.sum(-1, dtype=torch.float64) + b.sum(-1, dtype=torch.float64)
+    if convention == "reference":
+        return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
+    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
