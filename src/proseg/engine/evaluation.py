@@ -1,0 +1,243 @@
+"""Sampling and scoring of whole cases: the evaluation loop shared by ``proseg evaluate`` and validation.
+
+A *case* is a volume of the prepared store (a 2D source is a volume of one slice). Each case is predicted in
+one call over its slices with ``share_latent=True`` (one image-global latent per volume, pixel-wise latents
+per slice) and scored as a volume. Sampling uses a ``torch.Generator`` seeded from (seed, case_id), so the
+numbers do not depend on the number of processes or the order in which cases are visited; cases are sharded
+``ids[rank::world]`` across DDP ranks and the per-case records gathered.
+
+Modes:
+    * ``personalized``: ``sample_personalized`` gives ``(R, K, *S)``; rater r's prediction is the mean of its K
+      samples, so the case is scored with R predictions against R labels (index-aligned per-rater Dice).
+    * ``diverse``: ``sample_diverse`` gives ``(K, *S)``, scored as K predictions against the labels.
+Raters absent from a case (``rater_present`` False on every slice) are dropped from its labels and, in the
+personalized mode, their predictions too, so index alignment is kept. A case with no present rater is skipped
+and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from proseg.engine.distributed import all_gather_objects
+from proseg.models.base import MultiRaterModel, NotSupportedError
+
+MODES = ("personalized", "diverse")
+# Higher-is-better unless listed here.
+LOWER_IS_BETTER = {"ged", "ged_cross", "ged_labels", "ged_preds"}
+
+
+def case_seed(seed: int, case_id: str) -> int:
+    """A 63-bit seed from (seed, case_id), stable across processes, platforms and Python hash seeds."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def case_generator(seed: int, case_id: str, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(case_seed(seed, case_id))
+    return g
+
+
+def supports(model: MultiRaterModel, mode: str) -> bool:
+    """Whether the model class implements ``mode`` (it overrides the base method that raises)."""
+    name = "sample_personalized" if mode == "personalized" else "sample_diverse"
+    return getattr(type(model), name) is not getattr(MultiRaterModel, name)
+
+
+def resolve_modes(model: MultiRaterModel, modes: Sequence[str], strict: bool) -> list[str]:
+    """The requested modes the model supports; ``strict`` raises for an unsupported one instead of dropping it."""
+    out = []
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+        if supports(model, m):
+            out.append(m)
+        elif strict:
+            raise NotSupportedError(f"{model.model_name or type(model).__name__} has no {m} output")
+    if not out:
+        raise NotSupportedError(f"{model.model_name or type(model).__name__} supports none of the modes {list(modes)}")
+    return out
+
+
+@torch.inference_mode()
+def sample_volume(model: MultiRaterModel, images: Tensor, mode: str, num_samples: int, generator: torch.Generator,
+                  batch_size: int) -> Tensor:
+    """Sample a volume's slices with one shared image-global latent.
+
+    Args:
+        images: ``(D, C, H, W)`` on the model's device.
+        mode: ``personalized`` or ``diverse``.
+    Returns:
+        ``(R, K, D, H, W)`` (personalized) or ``(K, D, H, W)`` (diverse) probabilities, float32.
+
+    A volume with more than ``batch_size`` slices is predicted in chunks; the generator is rewound to the
+    same state before each chunk so every chunk draws the same image-global latent.
+    """
+    fn = model.sample_personalized if mode == "personalized" else model.sample_diverse
+    d = images.shape[0]
+    start_state = generator.get_state()
+    outs = []
+    for s in range(0, d, batch_size):
+        generator.set_state(start_state)
+        outs.append(fn(images[s : s + batch_size], num_samples=num_samples, generator=generator,
+                       share_latent=True).float())
+    out = torch.cat(outs, dim=0)  # (D, R, K, H, W) or (D, K, H, W)
+    return out.movedim(0, -3)
+
+
+@dataclass
+class CaseData:
+    """One volume from the store: ``images (D,C,H,W)`` float32, ``masks (D,R,H,W)`` bool, ``present (R,)``."""
+
+    case_id: str
+    images: np.ndarray
+    masks: np.ndarray
+    present: np.ndarray
+
+
+def score_case(labels: Tensor, preds: Tensor, conventions: Sequence[str], estimator: str,
+               thresholds: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """``{convention: case_metrics(...)}`` for labels ``(N, *S)`` in {0,1} and predictions ``(M, *S)``."""
+    from proseg.metrics import case_metrics
+
+    return {c: case_metrics(labels, preds, convention=c, estimator=estimator, thresholds=tuple(thresholds))
+            for c in conventions}
+
+
+def _squeeze_2d(x: Tensor) -> Tensor:
+    # A one-slice volume is a 2D case: (N, 1, H, W) -> (N, H, W).
+    return x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else x
+
+
+def evaluate_cases(
+    model: MultiRaterModel,
+    cases: Sequence[str],
+    load_case: Callable[[str], CaseData],
+    *,
+    modes: Sequence[str],
+    num_samples: int,
+    conventions: Sequence[str] = ("standard",),
+    estimator: str = "v",
+    thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    seed: int = 0,
+    batch_size: int = 32,
+    keep: set[str] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], int]:
+    """Sample and score ``cases`` (sharded over ranks), gather the records on every rank.
+
+    Args:
+        cases: case ids in a fixed order; ``load_case(case_id) -> CaseData``.
+        keep: case ids whose images, labels and samples are returned for figures (on every rank).
+    Returns:
+        ``(records, kept, skipped)``: one record per (case, mode, convention) in case order, with the
+        ``case_metrics`` keys plus ``case_id``, ``mode``, ``convention``, ``num_labels``, ``num_predictions``;
+        the kept cases' arrays; the number of cases skipped because no rater annotated them.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    mine = list(cases)[rank::world_size]
+    records: list[dict[str, Any]] = []
+    kept: dict[str, dict[str, Any]] = {}
+    skipped = 0
+    iterator: Any = mine
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(mine, desc="evaluate", unit="case", dynamic_ncols=True)
+    try:
+        for key in iterator:
+            case: CaseData = load_case(key)
+            present = torch.as_tensor(case.present, dtype=torch.bool)
+            if not bool(present.any()):
+                skipped += 1
+                continue
+            images = torch.as_tensor(case.images, dtype=torch.float32, device=device)
+            labels_all = torch.as_tensor(case.masks, device=device).movedim(1, 0).float()  # (R, D, H, W)
+            labels = labels_all[present.to(device)]
+            keep_this = keep is not None and case.case_id in keep
+            if keep_this:
+                kept[case.case_id] = {"image": case.images, "masks": case.masks, "present": case.present}
+            for mode in modes:
+                gen = case_generator(seed, f"{case.case_id}\x00{mode}", device)
+                samples = sample_volume(model, images, mode, num_samples, gen, batch_size)
+                if mode == "personalized":
+                    if samples.shape[0] != labels_all.shape[0]:
+                        raise ValueError(f"model predicts {samples.shape[0]} raters but case {case.case_id} has "
+                                         f"{labels_all.shape[0]}")
+                    preds = samples.mean(dim=1)[present.to(device)]  # (N, D, H, W)
+                else:
+                    preds = samples  # (K, D, H, W)
+                if keep_this:
+                    kept[case.case_id][mode] = samples.cpu().numpy()
+                scores = score_case(_squeeze_2d(labels), _squeeze_2d(preds), conventions, estimator, thresholds)
+                for conv, m in scores.items():
+                    rec = {"case_id": case.case_id, "mode": mode, "convention": conv,
+                           "num_labels": int(labels.shape[0]), "num_predictions": int(preds.shape[0])}
+                    rec.update({k: _plain(v) for k, v in m.items() if k not in rec})
+                    records.append(rec)
+    finally:
+        model.train(was_training)
+    gathered = all_gather_objects((records, kept, skipped))
+    all_records = [r for recs, _, _ in gathered for r in recs]
+    id_order = {c: i for i, c in enumerate(cases)}
+    all_records.sort(key=lambda r: (id_order.get(r["case_id"], len(id_order)), MODES.index(r["mode"]),
+                                    r["convention"]))
+    all_kept: dict[str, dict[str, Any]] = {}
+    for _, kp, _ in gathered:
+        all_kept.update(kp)
+    return all_records, all_kept, sum(s for _, _, s in gathered)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.item() if v.numel() == 1 else [float(x) for x in v.flatten().tolist()]
+    if isinstance(v, np.ndarray):
+        return v.item() if v.size == 1 else [float(x) for x in v.flatten().tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def summarize(records: Sequence[dict[str, Any]], mode: str, convention: str) -> dict[str, dict[str, float]]:
+    """Mean, std (ddof=0) and count over cases of every scalar key, for one (mode, convention)."""
+    rows = [r for r in records if r["mode"] == mode and r["convention"] == convention]
+    out: dict[str, dict[str, float]] = {}
+    if not rows:
+        return out
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("num_labels", "num_predictions")]
+    for k in keys:
+        vals = np.array([float(r[k]) for r in rows if isinstance(r.get(k), (int, float))], dtype=np.float64)
+        finite = vals[np.isfinite(vals)]
+        out[k] = {"mean": float(finite.mean()) if finite.size else math.nan,
+                  "std": float(finite.std()) if finite.size else math.nan, "n": int(finite.size)}
+    return out
+
+
+def selection_score(summary: dict[str, dict[str, float]], metric: str) -> tuple[float, bool]:
+    """The model-selection score and whether higher is better.
+
+    ``dice`` is the reference's validation criterion: the mean of Dice_max (averaged over both directions, as
+    the reference's ``validate`` does) and Dice_soft. Any other name is a key of the summary.
+    """
+    if metric == "dice":
+        dm = 0.5 * (summary["dice_max"]["mean"] + summary["dice_max_reverse"]["mean"])
+        return 0.5 * (dm + summary["dice_soft"]["mean"]), True
+    if metric not in summary:
+        raise KeyError(f"train.val_metric={metric!r} is not a metric key; keys: dice, {', '.join(sorted(summary))}")
+    return summary[metric]["mean"], metric not in LOWER_IS_BETTER

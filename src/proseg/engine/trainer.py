@@ -1,0 +1,531 @@
+"""The training loop: one readable class in the spirit of nanoGPT's ``train.py`` with nnU-Net's hook names.
+
+One process, one GPU, or many processes on many machines (DDP under ``torchrun``), the same code:
+
+* DDP switches on when ``WORLD_SIZE > 1`` (``nccl`` on CUDA, ``gloo`` on CPU); ``train.batch_size`` is the
+  global batch, each rank takes ``batch_size / W`` of every global batch (:class:`GlobalBatchSampler`), so a
+  W-process run follows the 1-process run's batches.
+* Randomness is keyed, not streamed: before optimizer step ``s`` every RNG (torch, NumPy, Python) of rank
+  ``r`` is reseeded from ``(seed, r, s)``, and epoch ``e``'s data order from ``(seed, e)``. A run therefore
+  resumes exactly from any saved step, whatever happened in between (validation, a crash, a restart on
+  another number of workers ...). The RNG states are saved anyway (``state.pt``) and restored on resume.
+* The loss goes through a thin module whose ``forward`` calls ``model.loss(batch)``, so DDP's gradient hooks
+  and ``torch.compile`` see an ordinary forward.
+* A non-finite loss (or gradient norm) skips the step on every rank, logs the terms that went bad, and
+  aborts with :class:`NonFiniteLossError` after ``train.max_nonfinite`` such steps in a row.
+
+Hooks (override in a subclass, nnU-Net style): ``on_train_start``, ``on_epoch_start``, ``train_step``,
+``on_train_step_end``, ``validate``, ``on_validation_end``, ``on_epoch_end``, ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+import proseg
+from proseg.engine import checkpoint as ckpt
+from proseg.engine.config import Config, config_to_yaml, validate_config
+from proseg.engine.distributed import (
+    DistInfo,
+    all_reduce_flag,
+    barrier,
+    env_dist_info,
+    init_distributed,
+    is_dist,
+    resolve_device,
+)
+from proseg.engine.evaluation import CaseData, evaluate_cases, resolve_modes, selection_score, summarize
+from proseg.engine.logger import RunLogger
+from proseg.engine.sampler import GlobalBatchSampler
+from proseg.engine.schedule import build_optimizer, lr_factor, set_lr
+from proseg.models.base import MultiRaterModel
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a NaN/Inf loss or gradient."""
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = model.loss(batch)``: what DDP and torch.compile wrap."""
+
+    def __init__(self, model: MultiRaterModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.model.loss(batch)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))  # noqa: NPY002 (third-party code may draw from the legacy global RNG)
+    torch.manual_seed(seed)
+
+
+class TrainData:
+    """What the trainer needs from a dataset (built from ``cfg.data`` by :func:`proseg.engine.data.train_data`).
+
+    Attributes:
+        train: a Dataset of dict items ``{"image" (C,H,W), "masks" (R,H,W), "rater_present" (R,), ...}``.
+        val_cases: case (volume) ids of the fold's validation part, in a fixed order.
+        load_case: ``case_id -> CaseData`` for validation.
+        meta: ``in_channels``, ``num_raters``, ``rater_names``, ``manifest_sha256``, ``preprocessing``, ...
+    """
+
+    def __init__(self, train: Dataset, val_cases: Sequence[str], load_case: Callable[[str], CaseData],
+                 meta: dict[str, Any]) -> None:
+        self.train, self.val_cases, self.load_case, self.meta = train, list(val_cases), load_case, meta
+
+
+class Trainer:
+    """Train ``cfg.model`` on ``cfg.data`` into ``run_dir``.
+
+    Args:
+        cfg: the run configuration (validated here).
+        run_dir: output directory (created; must be empty of another run unless ``resume``).
+        data: the datasets (default: built from ``cfg.data.path``).
+        model: a model instance to train (default: ``create_model`` from ``cfg.model`` and the data's C, R).
+        resume: continue the run in ``run_dir`` from its last saved state.
+        command: the command line, recorded in ``run.json``.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike[str], *, data: TrainData | None = None,
+                 model: MultiRaterModel | None = None, resume: bool = False, command: str = "") -> None:
+        self.cfg = cfg
+        if model is None:
+            validate_config(cfg)
+        self.run_dir = Path(run_dir)
+        self.dist: DistInfo = env_dist_info()
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.device = resolve_device(cfg.train.device, self.dist)
+        init_distributed(self.device, self.dist)
+        if cfg.train.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs CUDA (use bf16 on CPU)")
+        seed_all(derive_seed(cfg.train.seed, self.dist.rank, -1))
+
+        if data is None:
+            from proseg.engine.data import train_data
+
+            data = train_data(cfg)
+        self.data = data
+        if model is None:
+            from proseg.models import create_model
+
+            model = create_model(cfg.model.name, in_channels=int(data.meta["in_channels"]),
+                                 num_raters=int(data.meta["num_raters"]), preset=cfg.model.preset,
+                                 **cfg.model.args)
+        self.model: MultiRaterModel = model.to(self.device)
+        self.val_modes = self._val_modes()
+
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        net: nn.Module = _LossModule(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            net = torch.compile(net)  # type: ignore[assignment]
+        self.net = net
+
+        self.sampler = GlobalBatchSampler(data.train, cfg.train.batch_size, num_replicas=self.dist.world_size,
+                                          rank=self.dist.rank, seed=cfg.train.seed, shuffle=True)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        full = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = (min(cfg.train.max_steps, full) if cfg.train.epochs > 0 and cfg.train.max_steps > 0
+                            else (cfg.train.max_steps or full))
+        # Progress state (saved in state.pt)
+        self.step = 0
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.elapsed = 0.0
+        self.nonfinite_run = 0
+        self.skipped_steps = 0
+        self.last_val_step = -1
+        self.command = command
+
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        resume_step: int | None = None
+        if resume:
+            self._load_state()
+            resume_step = self.step
+        elif self.dist.is_main and (self.run_dir / ckpt.LAST_DIR / ckpt.STATE_NAME).exists():
+            raise FileExistsError(f"{self.run_dir}: already holds a run; continue it with --resume or pick "
+                                  f"another output directory")
+        self.logger = RunLogger(self.run_dir, "log", resume_step) if self.dist.is_main else None
+        self.val_logger = RunLogger(self.run_dir, "val", resume_step, tensorboard=False) \
+            if self.dist.is_main else None
+        if self.dist.is_main:
+            self._write_run_files(resume)
+
+    # --- set-up helpers --------------------------------------------------------------------------------
+    def _val_modes(self) -> list[str]:
+        mode = self.cfg.train.val_mode
+        if mode == "auto":
+            return resolve_modes(self.model, ["personalized"], strict=False) \
+                if _supports(self.model, "personalized") else resolve_modes(self.model, ["diverse"], strict=True)
+        return resolve_modes(self.model, [mode], strict=True)
+
+    def _write_run_files(self, resume: bool) -> None:
+        ckpt.atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(self.cfg))
+        info_path = self.run_dir / "run.json"
+        info: dict[str, Any] = {}
+        if resume and info_path.is_file():
+            import json
+
+            info = json.loads(info_path.read_text())
+        info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        info.update({
+            "proseg_version": proseg.__version__,
+            "git_commit": ckpt.git_commit(),
+            "torch_version": torch.__version__,
+            "dataset": str(self.cfg.data.path),
+            "manifest_sha256": self.data.meta.get("manifest_sha256"),
+            "fold": self.cfg.data.fold,
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "model": getattr(self.model, "init_config", {"class": type(self.model).__name__}),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+        })
+        if resume:
+            info.setdefault("resumes", []).append({"at_step": self.step, "command": self.command,
+                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        else:
+            info["command"] = self.command
+        ckpt.write_json(info_path, info)
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "elapsed": self.elapsed,
+            "nonfinite_run": self.nonfinite_run,
+            "skipped_steps": self.skipped_steps,
+            "last_val_step": self.last_val_step,
+            "world_size": self.dist.world_size,
+            "global_batch": self.cfg.train.batch_size,
+            "proseg_version": proseg.__version__,
+        }
+
+    def _model_extra(self, score: float | None) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch, "val_metric": self.cfg.train.val_metric,
+                "val_score": score, "dataset": {k: v for k, v in self.data.meta.items() if k != "rows"}}
+
+    def save_checkpoint(self, best: bool = False, score: float | None = None) -> None:
+        """Rank 0 writes ``checkpoints/last`` (weights + state.pt) and, when ``best``, ``checkpoints/best``."""
+        if self.dist.is_main:
+            from proseg.models import save_model
+
+            if best:
+                save_model(self.model, self.run_dir / ckpt.BEST_DIR, extra=self._model_extra(score))
+            last = self.run_dir / ckpt.LAST_DIR
+            save_model(self.model, last, extra=self._model_extra(score))
+            ckpt.save_state(last / ckpt.STATE_NAME, self.state_dict())  # last: it marks the checkpoint complete
+        barrier()
+
+    def _load_state(self) -> None:
+        path = self.run_dir / ckpt.LAST_DIR / ckpt.STATE_NAME
+        state = ckpt.load_state(path, map_location="cpu")
+        if state.get("global_batch") != self.cfg.train.batch_size:
+            raise ValueError(f"{path}: saved with train.batch_size={state.get('global_batch')}, the config now "
+                             f"says {self.cfg.train.batch_size}; resume with the same global batch")
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: weights do not match the configured model ({exc})") from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.best_score = state["best_score"]
+        self.best_step = state["best_step"]
+        self.elapsed = float(state["elapsed"])
+        self.nonfinite_run = int(state["nonfinite_run"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.last_val_step = int(state["last_val_step"])
+
+    # --- hooks ------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self._say(f"training {getattr(self.model, 'model_name', '') or type(self.model).__name__} for "
+                  f"{self.total_steps} steps ({self.steps_per_epoch} per epoch, global batch "
+                  f"{self.cfg.train.batch_size} on {self.dist.world_size} process(es), {self.device}) -> "
+                  f"{self.run_dir}" + (f", resuming at step {self.step}" if self.step else ""))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def on_train_step_end(self, out: dict[str, float]) -> None:
+        pass
+
+    def on_validation_end(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if (epoch + 1) % self.cfg.train.val_every == 0:
+            self.validate_and_checkpoint()
+
+    def on_train_end(self) -> None:
+        if self.last_val_step != self.step:
+            self.validate_and_checkpoint()
+        if self.logger is not None:
+            self.logger.close()
+        if self.val_logger is not None:
+            self.val_logger.close()
+
+    # --- the step ---------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One optimizer step on this rank's part of a global batch. Returns the (local) loss terms."""
+        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        with self._autocast():
+            out = self.net(batch)
+        loss = out["loss"]
+        ok = all_reduce_min_finite(loss.detach())
+        if not ok:
+            bad = sorted(k for k, v in out.items() if isinstance(v, Tensor) and not bool(torch.isfinite(v).all()))
+            self._skip(f"non-finite loss (bad terms on rank {self.dist.rank}: {', '.join(bad) or 'on another rank'})")
+            return {"skipped": 1.0}
+        self.scaler.scale(loss).backward()
+        grad_norm = math.nan
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self._skip("non-finite gradient norm")
+                return {"skipped": 1.0}
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_run = 0
+        res = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
+        res["grad_norm"] = grad_norm
+        return res
+
+    def _skip(self, why: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_run += 1
+        self.skipped_steps += 1
+        self._say(f"step {self.step}: {why}; step skipped ({self.nonfinite_run} in a row, "
+                  f"limit train.max_nonfinite={self.cfg.train.max_nonfinite})", warn=True)
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_run} consecutive steps with a non-finite loss or gradient (last: {why}) at step "
+                f"{self.step}; lower optim.lr, enable optim.grad_clip, or check the data. The last good state is in "
+                f"{self.run_dir / ckpt.LAST_DIR}")
+
+    # --- validation -------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any] | None:
+        """Score the fold's validation part (never the test part). Returns the summary (every rank)."""
+        cases = self.data.val_cases
+        if self.cfg.train.max_val_cases:
+            cases = cases[: self.cfg.train.max_val_cases]
+        if not cases:
+            return None
+        t0 = time.time()
+        records, _, _ = evaluate_cases(
+            self.model, cases, self.data.load_case, modes=self.val_modes, num_samples=self.cfg.train.val_num_samples,
+            conventions=("standard",), estimator="v", seed=self.cfg.train.seed, batch_size=self.cfg.eval.batch_size,
+            rank=self.dist.rank, world_size=self.dist.world_size)
+        mode = self.val_modes[0]
+        summary = summarize(records, mode, "standard")
+        score, higher = selection_score(summary, self.cfg.train.val_metric)
+        return {"summary": summary, "score": score, "higher_is_better": higher, "mode": mode,
+                "cases": len(cases), "seconds": time.time() - t0}
+
+    def validate_and_checkpoint(self) -> None:
+        res = self.validate()
+        self.last_val_step = self.step
+        is_best = False
+        score = None
+        if res is not None:
+            score = float(res["score"])
+            if math.isfinite(score):
+                better = (self.best_score is None or (score > self.best_score if res["higher_is_better"]
+                                                      else score < self.best_score))
+                if better:
+                    self.best_score, self.best_step, is_best = score, self.step, True
+            if self.val_logger is not None:
+                row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "mode": res["mode"],
+                       "metric": self.cfg.train.val_metric, "score": score, "best": is_best, "cases": res["cases"],
+                       "seconds": round(res["seconds"], 3)}
+                row.update({k: v["mean"] for k, v in res["summary"].items()})
+                self.val_logger.log(row)
+            self._say(f"step {self.step}: validation {self.cfg.train.val_metric}={score:.4f} on {res['cases']} "
+                      f"cases ({res['mode']})" + (" (best)" if is_best else f", best {self.best_score:.4f} "
+                                                    f"at step {self.best_step}"))
+            self.on_validation_end(res)
+        else:
+            # No validation part: the latest weights are the selected ones.
+            is_best = True
+            self.best_step = self.step
+        self.save_checkpoint(best=is_best, score=score)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until ``total_steps`` or the time budget; returns a summary dict."""
+        cfg = self.cfg.train
+        self.on_train_start()
+        bar = None
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       disable=None, file=sys.stderr)
+        t_mark = time.time()
+        last_log_t, last_log_step = time.time(), self.step
+        stop = False
+        last: dict[str, float] = {}
+        try:
+            while self.step < self.total_steps and not stop:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                self.sampler.set_epoch(epoch, start_batch=start)
+                if start == 0:
+                    self.on_epoch_start(epoch)
+                loader = self._loader(epoch, start)
+                for batch in loader:
+                    seed_all(derive_seed(cfg.seed, self.dist.rank, self.step))
+                    factor = lr_factor(self.step, self.total_steps, self.cfg.optim, self._budget_progress(t_mark))
+                    lr = set_lr(self.optimizer, factor)
+                    out = self.train_step(batch)
+                    self.step += 1
+                    now = time.time()
+                    self.elapsed += now - t_mark
+                    t_mark = now
+                    last = out
+                    self.on_train_step_end(out)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        row = self._log_row(out, lr, (self.step - last_log_step) * cfg.batch_size
+                                            / max(now - last_log_t, 1e-9))
+                        last_log_t, last_log_step = now, self.step
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}",
+                                            samples_s=f"{row['samples_per_s']:.1f}")
+                    if bar is not None:
+                        bar.update(1)
+                    if cfg.time_budget_s > 0:
+                        stop = all_reduce_flag(self.elapsed >= cfg.time_budget_s)
+                    if self.step % self.steps_per_epoch == 0:
+                        self.on_epoch_end(self.step // self.steps_per_epoch - 1)
+                    elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    t_mark = time.time()  # validation and checkpoint time does not count as training time
+                    if self.step >= self.total_steps or stop:
+                        break
+            if stop:
+                self._say(f"time budget of {cfg.time_budget_s:g} s spent at step {self.step}/{self.total_steps}")
+            self.on_train_end()
+        finally:
+            if bar is not None:
+                bar.close()
+        return {"steps": self.step, "total_steps": self.total_steps, "best_score": self.best_score,
+                "best_step": self.best_step, "elapsed_s": self.elapsed, "skipped_steps": self.skipped_steps,
+                "stopped_by_budget": stop, "last": last, "run_dir": str(self.run_dir)}
+
+    def _budget_progress(self, t_mark: float) -> float | None:
+        budget = self.cfg.train.time_budget_s
+        if budget <= 0:
+            return None
+        spent = self.elapsed + (time.time() - t_mark)
+        if is_dist():  # every rank must use the same learning rate
+            t = torch.tensor([spent], dtype=torch.float64)
+            if torch.distributed.get_backend() == "nccl":
+                t = t.to(self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            spent = float(t.item())
+        return min(spent / budget, 1.0)
+
+    def _loader(self, epoch: int, start: int) -> DataLoader:
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.cfg.train.seed, self.dist.rank, epoch, start))  # worker base seeds
+        return DataLoader(self.data.train, batch_size=self.sampler.local_batch, sampler=self.sampler,
+                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                          drop_last=False, generator=g, persistent_workers=False)
+
+    def _log_row(self, out: dict[str, float], lr: float, samples_per_s: float) -> dict[str, Any]:
+        keys = sorted(k for k in out if k != "skipped")
+        vals = torch.tensor([out.get(k, math.nan) for k in keys], dtype=torch.float64)
+        if is_dist():  # the global batch's loss: mean over ranks
+            sizes = all_gather_len(len(keys))
+            if len(set(sizes)) == 1:
+                if torch.distributed.get_backend() == "nccl":
+                    vals = vals.to(self.device)
+                torch.distributed.all_reduce(vals)
+                vals = vals.cpu() / self.dist.world_size
+        row: dict[str, Any] = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "lr": lr}
+        row.update({k: float(v) for k, v in zip(keys, vals.tolist(), strict=True)})
+        row.update({"skipped": int(out.get("skipped", 0)), "samples_per_s": round(samples_per_s, 2),
+                    "elapsed_s": round(self.elapsed, 3)})
+        if self.logger is not None:
+            self.logger.log(row)
+        return row
+
+    def _say(self, msg: str, warn: bool = False) -> None:
+        if self.dist.is_main or warn:
+            prefix = "warning: " if warn else ""
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(f"[proseg] {prefix}{msg}", file=sys.stderr)
+            except ImportError:  # pragma: no cover
+                print(f"[proseg] {prefix}{msg}", file=sys.stderr)
+
+
+def _supports(model: MultiRaterModel, mode: str) -> bool:
+    from proseg.engine.evaluation import supports
+
+    return supports(model, mode)
+
+
+def all_reduce_min_finite(loss: Tensor) -> bool:
+    """True when the loss is finite on every rank (one collective; all ranks then agree to step or skip)."""
+    ok = bool(torch.isfinite(loss).all())
+    if not is_dist():
+        return ok
+    return not all_reduce_flag(not ok)
+
+
+def all_gather_len(n: int) -> list[int]:
+    from proseg.engine.distributed import all_gather_objects
+
+    return [int(x) for x in all_gather_objects(n)]
