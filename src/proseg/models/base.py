@@ -38,6 +38,9 @@ class MultiRaterModel(nn.Module):
     """
 
     model_name: str = ""
+    #: whether :meth:`sample_personalized` / :meth:`sample_diverse` are implemented (else NotSupportedError)
+    supports_personalized: bool = False
+    supports_diverse: bool = False
     PRESETS: dict[str, dict[str, Any]] = {"default": {}}
     init_config: dict[str, Any]
 

@@ -1,0 +1,573 @@
+"""ProSeg (Liu et al., arXiv 2512.00748): two latents, rater preference tau and boundary ambiguity Z.
+
+Generative pieces (names as in the paper; shapes for B images, R raters, S (image, rater) pairs per image):
+
+* ``q(tau | r) = Dir(softplus(a_r))`` with a learnable ``(R, D)`` table ``a`` (:class:`TauPosterior`), prior
+  ``Dir(alpha0 * 1)``; closed-form KL; reparameterized, generator-driven sampling (:func:`sample_dirichlet`).
+* ``p(r | tau)``: an MLP classifier ``D -> hidden -> R`` trained with cross-entropy on its **logits**.
+* ``q(Z | x, r) = N(mu_r(x), diag(exp(logvar_r(x))))``, pixel-wise with ``z_channels`` channels, from per-rater
+  "statistic heads" on the backbone features; all R heads are one :class:`RaterConvStack` (stacked weights run
+  as grouped convolutions), KL to ``N(0, prior_variance)``.
+* ``p(x | Z)``: per-rater "remap" heads (another :class:`RaterConvStack`) then either a second backbone + 1x1 conv
+  (``recon_decoder="backbone"``, the reference) or a small conv decoder (``"light"``), output with the image's C.
+* ``p(y | tau, Z)``: ``[Z, tile(tau)]`` through 1x1 convolutions to one logit; tau's part of the first layer is
+  folded into a per-(image, rater, sample) bias, so the tiled tensor is never built (:class:`SegHead`).
+
+See ``docs/models.md`` for every place where the paper and the reference code disagree and what is chosen here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from proseg.losses import dirichlet_kl, gaussian_kl, log_variance, segmentation_loss
+from proseg.models.backbones import create_backbone
+from proseg.models.base import Batch, MultiRaterModel
+from proseg.models.registry import register_model
+
+# --- randomness that only comes from the caller's generator --------------------------------------------------
+
+
+def _draw(kind: str, shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """``randn``/``rand`` of ``shape`` drawn on the generator's device (the input's when None), returned on
+    ``like``'s device with ``like``'s floating dtype."""
+    device = generator.device if generator is not None else like.device
+    fn = torch.randn if kind == "normal" else torch.rand
+    out = fn(tuple(shape), generator=generator, device=device, dtype=like.dtype)
+    return out.to(like.device)
+
+
+def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Exact ``Gamma(alpha, 1)`` draws (Marsaglia & Tsang 2000) from ``generator``-driven normals and uniforms.
+
+    ``alpha`` (any shape, > 0, no grad) -> same shape. For alpha < 1 the usual boost is used:
+    ``G(alpha) = G(alpha + 1) * U^(1/alpha)``. Rejection runs vectorised in rounds over the still-rejected
+    elements only (acceptance > 95 % per round), so the number of draws, and hence the result, is a deterministic
+    function of the generator state.
+    """
+    a = alpha.detach().to(torch.float64 if alpha.dtype == torch.float64 else torch.float32)
+    flat = a.reshape(-1)
+    boost = flat < 1.0
+    d = torch.where(boost, flat + 1.0, flat) - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = torch.empty_like(flat)
+    todo = torch.arange(flat.numel(), device=flat.device)
+    while todo.numel() > 0:
+        x = _draw("normal", (todo.numel(),), generator, flat)
+        u = _draw("uniform", (todo.numel(),), generator, flat)
+        dd, cc = d[todo], c[todo]
+        v = (1.0 + cc * x) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v + dd * torch.log(v.clamp_min(1e-30)))
+        out[todo[ok]] = (dd * v)[ok]
+        todo = todo[~ok]
+    u = _draw("uniform", (flat.numel(),), generator, flat)
+    out = torch.where(boost, out * u.pow(1.0 / flat), out)
+    return out.clamp_min(torch.finfo(out.dtype).tiny).reshape(alpha.shape)
+
+
+def sample_gamma(alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Reparameterized ``Gamma(alpha, 1)`` sample whose randomness comes only from ``generator``.
+
+    The value is an exact Marsaglia-Tsang draw; the gradient w.r.t. ``alpha`` is the implicit reparameterization
+    gradient ``dg/dalpha = -(dF/dalpha) / p(g)`` (Figurnov et al. 2018), which is what torch's own
+    ``Gamma.rsample`` uses (``torch._standard_gamma_grad``). It is valid for any exact sampler because it only needs
+    the drawn value, so ``g + (alpha - stop_grad(alpha)) * stop_grad(dg/dalpha)`` has the right value and gradient.
+    (``torch.distributions`` ignores generators, hence this route.)
+    """
+    g = _gamma_marsaglia_tsang(alpha, generator).to(alpha.dtype)
+    if not alpha.requires_grad:
+        return g
+    a = alpha.detach()
+    grad = torch._standard_gamma_grad(a.float(), g.float()).to(alpha.dtype)
+    return g + (alpha - a) * grad
+
+
+def sample_dirichlet(alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Reparameterized ``Dir(alpha)`` sample over the last dimension: normalised :func:`sample_gamma` draws."""
+    g = sample_gamma(alpha, generator)
+    return g / g.sum(-1, keepdim=True)
+
+
+# --- building blocks -------------------------------------------------------------------------------------------
+
+
+class RaterConvStack(nn.Module):
+    """R independent stacks of ``k x k`` convolutions (ReLU between layers, none after the last), stored as stacked
+    ``(R, out, in, k, k)`` weights and run for many raters at once as grouped convolutions.
+
+    ``forward(x, raters)``:
+        * ``x``: ``(B, Cin, H, W)`` shared by every rater (``shared_input=True``) or ``(B, S, Cin, H, W)`` one input
+          per (image, rater) pair.
+        * ``raters``: None = all R raters in order (S = R; the stacked weights run as one conv with ``groups=R``
+          over the batch), or a ``(B, S)`` long tensor of rater indices (the weights are gathered per pair and run
+          with ``groups=B*S`` on a batch of one; unchosen raters still get a (zero) gradient).
+        * returns ``(B, S, Cout, H, W)``.
+    """
+
+    def __init__(self, num_raters: int, channels: Sequence[int], kernel_size: int = 3, shared_input: bool = True):
+        super().__init__()
+        self.num_raters = num_raters
+        self.channels = tuple(int(c) for c in channels)
+        self.k = kernel_size
+        self.shared_input = shared_input
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for cin, cout in zip(self.channels[:-1], self.channels[1:], strict=True):
+            w = torch.empty(num_raters, cout, cin, kernel_size, kernel_size)
+            b = torch.empty(num_raters, cout)
+            bound = 1.0 / math.sqrt(cin * kernel_size * kernel_size)
+            for r in range(num_raters):  # nn.Conv2d's default initialisation, per rater (init only)
+                nn.init.kaiming_uniform_(w[r], a=math.sqrt(5))
+            nn.init.uniform_(b, -bound, bound)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+    def forward(self, x: Tensor, raters: Tensor | None = None) -> Tensor:
+        pad = self.k // 2
+        n = len(self.weights)
+        if raters is None:
+            R = self.num_raters
+            B = x.shape[0]
+            if not self.shared_input:  # (B, R, Cin, H, W) -> (B, R*Cin, H, W)
+                x = x.reshape(B, -1, *x.shape[-2:])
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                groups = 1 if (i == 0 and self.shared_input) else R
+                x = F.conv2d(x, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=pad, groups=groups)
+                if i < n - 1:
+                    x = F.relu(x)
+            return x.reshape(B, R, self.out_channels, *x.shape[-2:])
+        B, S = raters.shape
+        H, W = x.shape[-2:]
+        x = x.reshape(1, -1, H, W)  # images (or pairs) become conv groups
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            groups = B if (i == 0 and self.shared_input) else B * S
+            wg = w[raters].reshape(-1, *w.shape[2:])
+            x = F.conv2d(x, wg, b[raters].reshape(-1), padding=pad, groups=groups)
+            if i < n - 1:
+                x = F.relu(x)
+        return x.reshape(B, S, self.out_channels, H, W)
+
+
+class TauPosterior(nn.Module):
+    """Rater-preference module: ``q(tau | r) = Dir(softplus(raw[r]))`` and the classifier ``p(r | tau)``.
+
+    The raw table is initialised as the reference does for R = 4, D = 8 (1.0 at dims r and r + 4, 0.1 elsewhere),
+    generalised as ``1.0 where d % R == r % D``.
+    """
+
+    def __init__(self, num_raters: int, tau_dim: int, classifier_hidden: int) -> None:
+        super().__init__()
+        d = torch.arange(tau_dim)[None, :]
+        r = torch.arange(num_raters)[:, None]
+        raw = torch.where(d % num_raters == r % tau_dim, 1.0, 0.1)
+        self.raw_concentration = nn.Parameter(raw.float())
+        self.classifier = nn.Sequential(
+            nn.Linear(tau_dim, classifier_hidden), nn.ReLU(inplace=True), nn.Linear(classifier_hidden, num_raters)
+        )
+
+    def concentration(self) -> Tensor:
+        """``(R, D)`` positive Dirichlet concentrations."""
+        return F.softplus(self.raw_concentration)
+
+
+class SegHead(nn.Module):
+    """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as linear layers on channels-last data).
+
+    ``forward(z, tau)``: ``z`` ``(..., H, W, Zc)`` channels-last, ``tau`` ``(..., D)`` with the same leading dims
+    (broadcastable) -> logits ``(..., H, W)``. ``W1 @ [z; tau] + b1 = W1z @ z + (W1tau @ tau + b1)``: tau's part
+    is a per-leading-index bias, so the ``(.., D, H, W)`` tile is never materialised.
+    """
+
+    def __init__(self, z_channels: int, tau_dim: int, hidden: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 2:
+            raise ValueError(f"head_layers must be >= 2, got {num_layers}")
+        self.z_channels = z_channels
+        dims = [z_channels + tau_dim] + [hidden] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.last = nn.Linear(hidden, 1)
+        for m in [*self.layers, self.last]:  # Xavier as the reference head
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, z: Tensor, tau: Tensor) -> Tensor:
+        first = self.layers[0]
+        wz, wt = first.weight[:, : self.z_channels], first.weight[:, self.z_channels:]
+        bias = F.linear(tau, wt, first.bias)  # (..., hidden)
+        h = F.linear(z, wz) + bias[..., None, None, :]
+        h = F.relu(h)
+        for layer in self.layers[1:]:
+            h = F.relu(layer(h))
+        return self.last(h).squeeze(-1)
+
+    def l2(self) -> Tensor:
+        """Sum of the (non-squared) L2 norms of every weight and bias of all layers but the last (the reference's
+        ``l2_regularisation(head.layers)``)."""
+        return torch.stack([p.norm(2) for m in self.layers for p in m.parameters()]).sum()
+
+
+class LightReconDecoder(nn.Module):
+    """Small image decoder for p(x|Z): conv3x3-ReLU-conv3x3-ReLU-conv1x1 to the image's C channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BackboneReconDecoder(nn.Module):
+    """The reference's p(x|Z) decoder: a second backbone on the remapped latent, then a 1x1 conv to C channels."""
+
+    def __init__(self, backbone: str, backbone_cfg: dict[str, Any], in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.backbone = create_backbone(backbone, in_channels, **backbone_cfg)
+        self.out = nn.Conv2d(self.backbone.out_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.backbone(x))
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+_REFERENCE: dict[str, Any] = {
+    "backbone": "resnet34_unet",
+    "backbone_cfg": {},
+    "tau_dim": 8,
+    "z_channels": 16,
+    "stat_hidden": (16, 32),
+    "remap_hidden": (16, 8),
+    "remap_channels": 8,
+    "recon_decoder": "backbone",
+    "head_channels": 16,
+    "head_layers": 3,
+    "classifier_hidden": 32,
+    "alpha0": 1.0,
+    "prior_variance": math.e,
+    "kl_weight": 0.1,
+    "l2_weight": 1e-5,
+    "ce_weight": 1.0,
+    "recon_weight": 1.0,
+    "recon_divide_by_batch": True,
+    "rater_sampling": "one",
+    "seg_loss": "gdl",
+    "diverse_mode": "per_rater",
+    "latent_lr": 2e-3,
+}
+
+
+@register_model("proseg")
+class ProSeg(MultiRaterModel):
+    """ProSeg with switchable pieces; see the module docstring for the model and ``PRESETS`` for the presets.
+
+    Args:
+        in_channels, num_raters: C and R.
+        backbone, backbone_cfg: feature extractor (:func:`proseg.models.backbones.create_backbone`).
+        tau_dim: D, dimension of the rater-preference simplex.
+        z_channels: channels of the pixel-wise ambiguity latent Z.
+        stat_hidden: hidden widths of each rater's statistic head (3x3 convs; output ``2 * z_channels``).
+        remap_hidden, remap_channels: hidden widths and output width of each rater's remap head (Z -> decoder).
+        recon_decoder: ``"backbone"`` (second backbone, ``recon_backbone``/``recon_backbone_cfg``, default the main
+            backbone's) or ``"light"`` (:class:`LightReconDecoder` with ``recon_hidden`` channels).
+        head_channels, head_layers: width and number of 1x1 layers of p(y|tau,Z).
+        classifier_hidden: hidden width of p(r|tau).
+        alpha0: symmetric Dirichlet prior concentration. prior_variance: variance of Z's Gaussian prior (the
+            reference's is e: it stores 1.0 as a log-variance).
+        kl_weight, l2_weight, ce_weight, recon_weight: loss weights (``loss = seg + kl_weight * (kl_tau + kl_z) +
+            ce_weight * ce + recon_weight * recon + l2_weight * l2``).
+        recon_divide_by_batch: divide the reconstruction MSE by the batch size (the reference does).
+        rater_sampling: ``"one"`` (per image one present rater, uniformly, as the reference) or ``"all"`` (every
+            present rater; absent ones get weight 0).
+        seg_loss: ``gdl`` (pooled generalized Dice as the reference), ``gdl_per_sample``, ``bce``, ``gdl+bce``.
+        diverse_mode: ``"prior_classifier"`` (paper: tau ~ prior, rater from p(r|tau), Z from that rater's q) or
+            ``"per_rater"`` (reference: K split evenly over the raters, tau ~ prior, Z from each rater's q).
+        diverse_rater: with ``prior_classifier``, ``"argmax"`` or ``"sample"`` the rater from p(r|tau).
+        latent_lr: learning rate of the tau module (concentrations + classifier) in :meth:`param_groups`; None = lr.
+        channels_last: run convolutions in channels-last memory format (faster on CPU).
+    """
+
+    supports_personalized = True
+    supports_diverse = True
+
+    PRESETS: dict[str, dict[str, Any]] = {
+        "reference": _REFERENCE,
+        "default": {
+            **_REFERENCE,
+            "recon_decoder": "light",
+            "recon_divide_by_batch": False,
+            "prior_variance": 1.0,
+            "rater_sampling": "all",
+            "diverse_mode": "prior_classifier",
+        },
+        "tiny": {
+            **_REFERENCE,
+            "backbone": "unet",
+            "backbone_cfg": {"widths": (8, 16)},
+            "tau_dim": 4,
+            "z_channels": 4,
+            "stat_hidden": (8, 8),
+            "remap_hidden": (8,),
+            "remap_channels": 4,
+            "recon_decoder": "light",
+            "recon_hidden": 8,
+            "head_channels": 8,
+            "classifier_hidden": 8,
+            "prior_variance": 1.0,
+            "recon_divide_by_batch": False,
+            "rater_sampling": "all",
+            "diverse_mode": "prior_classifier",
+        },
+    }
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_raters: int,
+        backbone: str = "resnet34_unet",
+        backbone_cfg: dict[str, Any] | None = None,
+        tau_dim: int = 8,
+        z_channels: int = 16,
+        stat_hidden: Sequence[int] = (16, 32),
+        remap_hidden: Sequence[int] = (16, 8),
+        remap_channels: int = 8,
+        recon_decoder: str = "light",
+        recon_backbone: str | None = None,
+        recon_backbone_cfg: dict[str, Any] | None = None,
+        recon_hidden: int = 16,
+        head_channels: int = 16,
+        head_layers: int = 3,
+        classifier_hidden: int = 32,
+        alpha0: float = 1.0,
+        prior_variance: float = 1.0,
+        kl_weight: float = 0.1,
+        l2_weight: float = 1e-5,
+        ce_weight: float = 1.0,
+        recon_weight: float = 1.0,
+        recon_divide_by_batch: bool = False,
+        rater_sampling: str = "all",
+        seg_loss: str = "gdl",
+        diverse_mode: str = "prior_classifier",
+        diverse_rater: str = "argmax",
+        latent_lr: float | None = 2e-3,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__(in_channels, num_raters)
+        if rater_sampling not in ("one", "all"):
+            raise ValueError(f"rater_sampling must be 'one' or 'all', got {rater_sampling!r}")
+        if diverse_mode not in ("prior_classifier", "per_rater"):
+            raise ValueError(f"diverse_mode must be 'prior_classifier' or 'per_rater', got {diverse_mode!r}")
+        if diverse_rater not in ("argmax", "sample"):
+            raise ValueError(f"diverse_rater must be 'argmax' or 'sample', got {diverse_rater!r}")
+        if recon_decoder not in ("backbone", "light"):
+            raise ValueError(f"recon_decoder must be 'backbone' or 'light', got {recon_decoder!r}")
+        if alpha0 <= 0:
+            raise ValueError(f"alpha0 must be > 0, got {alpha0}")
+        segmentation_loss(seg_loss, torch.zeros(1, 1), torch.zeros(1, 1))  # fail early on an unknown name
+        self.prior_logvar = log_variance(prior_variance)
+        self.alpha0 = float(alpha0)
+        self.z_channels = int(z_channels)
+        self.tau_dim = int(tau_dim)
+        self.kl_weight, self.l2_weight = float(kl_weight), float(l2_weight)
+        self.ce_weight, self.recon_weight = float(ce_weight), float(recon_weight)
+        self.recon_divide_by_batch = bool(recon_divide_by_batch)
+        self.rater_sampling, self.seg_loss_kind = rater_sampling, seg_loss
+        self.diverse_mode, self.diverse_rater = diverse_mode, diverse_rater
+        self.latent_lr = latent_lr
+        self.channels_last = bool(channels_last)
+
+        self.backbone = create_backbone(backbone, in_channels, **dict(backbone_cfg or {}))
+        feat = int(self.backbone.out_channels)
+        self.tau = TauPosterior(num_raters, tau_dim, classifier_hidden)
+        self.stat_heads = RaterConvStack(num_raters, (feat, *stat_hidden, 2 * z_channels), shared_input=True)
+        self.remap_heads = RaterConvStack(num_raters, (z_channels, *remap_hidden, remap_channels), shared_input=False)
+        if recon_decoder == "backbone":
+            self.recon: nn.Module = BackboneReconDecoder(
+                recon_backbone or backbone,
+                dict(recon_backbone_cfg if recon_backbone_cfg is not None else (backbone_cfg or {})),
+                remap_channels,
+                in_channels,
+            )
+        else:
+            self.recon = LightReconDecoder(remap_channels, in_channels, recon_hidden)
+        self.head = SegHead(z_channels, tau_dim, head_channels, head_layers)
+        if self.channels_last:
+            for prm in self.parameters():  # the 4D conv weights (the stacked per-rater ones are 5D)
+                if prm.ndim == 4:
+                    prm.data = prm.data.contiguous(memory_format=torch.channels_last)
+
+    # --- shared pieces ------------------------------------------------------------------------------------------
+    def _features(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+    def _stats(self, feats: Tensor, raters: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-pair ``(mu, logvar)``, each ``(B, S, H, W, Zc)`` channels-last-contiguous."""
+        s = self.stat_heads(feats, raters)  # (B, S, 2Zc, H, W)
+        s = s.permute(0, 1, 3, 4, 2).contiguous()
+        return s[..., : self.z_channels], s[..., self.z_channels:]
+
+    def _prior_tau(self, shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
+        alpha = torch.full((*shape, self.tau_dim), self.alpha0, dtype=like.dtype, device=like.device)
+        return sample_dirichlet(alpha, generator)
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Negative ELBO + L2, averaged over the (image, rater) pairs that are used and present.
+
+        Returns ``loss`` and the terms ``seg``, ``kl_tau``, ``kl_z``, ``ce``, ``recon``, ``l2`` (undetached).
+        Randomness (the rater choice with ``rater_sampling="one"``, tau and Z) comes from the global RNG.
+        """
+        image, masks, present = self._check_batch(batch)
+        B, R = masks.shape[:2]
+        H, W = image.shape[-2:]
+        feats = self._features(image)
+        if self.rater_sampling == "one":
+            # one present rater per image, uniformly; an image without any present rater gets weight 0
+            probs = present.to(image.dtype)
+            probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, torch.ones_like(probs))
+            raters = torch.multinomial(probs, 1)  # (B, 1)
+            weight = present.gather(1, raters).to(image.dtype)
+            target = masks.gather(1, raters[:, :, None, None].expand(B, 1, H, W))
+            rater_idx = raters
+            stat_raters: Tensor | None = raters
+        else:
+            rater_idx = torch.arange(R, device=image.device).expand(B, R)
+            weight = present.to(image.dtype)
+            target = masks
+            stat_raters = None
+        S = rater_idx.shape[1]
+        wsum = weight.sum().clamp_min(1e-12)
+
+        conc = self.tau.concentration().to(image.dtype)  # (R, D)
+        alpha = conc[rater_idx]  # (B, S, D)
+        tau = sample_dirichlet(alpha)
+        kl_tau = (dirichlet_kl(alpha, self.alpha0) * weight).sum() / wsum
+        ce_pairs = F.cross_entropy(self.tau.classifier(tau).reshape(B * S, -1), rater_idx.reshape(-1),
+                                   reduction="none")
+        ce = (ce_pairs * weight.reshape(-1)).sum() / wsum
+
+        mu, logvar = self._stats(feats, stat_raters)  # (B, S, H, W, Zc)
+        eps = torch.randn_like(mu)
+        z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps)
+        kl_z_pairs = gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4))
+        kl_z = (kl_z_pairs * weight).sum() / wsum
+
+        logits = self.head(z, tau)  # (B, S, H, W)
+        seg = segmentation_loss(self.seg_loss_kind, logits.reshape(B * S, H, W), target.reshape(B * S, H, W),
+                                weight.reshape(-1))
+
+        z_nchw = z.permute(0, 1, 4, 2, 3)  # (B, S, Zc, H, W), channels-last strides
+        remap = self.remap_heads(z_nchw, stat_raters)  # (B, S, Cr, H, W)
+        remap = remap.reshape(B * S, *remap.shape[2:])
+        if self.channels_last:
+            remap = remap.contiguous(memory_format=torch.channels_last)
+        x_hat = self.recon(remap).reshape(B, S, self.in_channels, H, W)
+        mse_pairs = (x_hat.float() - image.float()[:, None]).pow(2).mean(dim=(2, 3, 4))
+        recon = (mse_pairs * weight).sum() / wsum
+        if self.recon_divide_by_batch:
+            recon = recon / B
+
+        l2 = self.head.l2()
+        total = (seg + self.kl_weight * (kl_tau + kl_z) + self.ce_weight * ce + self.recon_weight * recon
+                 + self.l2_weight * l2)
+        return {"loss": total, "seg": seg, "kl_tau": kl_tau, "kl_z": kl_z, "ce": ce, "recon": recon, "l2": l2}
+
+    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """p(x|Z) for every rater with one Z draw each: ``(B, R, C, H, W)`` (a diagnostic; the loss uses it)."""
+        self._check_images(images)
+        B, H, W = images.shape[0], *images.shape[-2:]
+        mu, logvar = self._stats(self._features(images), None)
+        z = torch.addcmul(mu, torch.exp(0.5 * logvar), _draw("normal", mu.shape, generator, mu))
+        remap = self.remap_heads(z.permute(0, 1, 4, 2, 3), None)
+        remap = remap.reshape(B * self.num_raters, *remap.shape[2:])
+        if self.channels_last:
+            remap = remap.contiguous(memory_format=torch.channels_last)
+        return self.recon(remap).reshape(B, self.num_raters, self.in_channels, H, W)
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    def sample_personalized(
+        self,
+        images: Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        share_latent: bool = False,
+    ) -> Tensor:
+        """tau ~ q(tau|r), Z ~ q(Z|x,r) for every rater r: ``(B, R, K, H, W)`` probabilities.
+
+        The backbone and the R statistic heads run once per image; each extra sample costs one Z draw and the 1x1
+        head. ``share_latent=True`` draws tau once per (rater, sample) for the whole batch.
+        """
+        self._check_images(images)
+        B, R, K = images.shape[0], self.num_raters, int(num_samples)
+        mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
+        std = torch.exp(0.5 * logvar)
+        conc = self.tau.concentration().to(mu.dtype)
+        lead = 1 if share_latent else B
+        tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
+        eps = _draw("normal", (B, R, K, *mu.shape[2:]), generator, mu)
+        z = torch.addcmul(mu[:, :, None], std[:, :, None], eps)  # (B, R, K, H, W, Zc)
+        return torch.sigmoid(self.head(z, tau.expand(B, R, K, self.tau_dim)))
+
+    def sample_diverse(
+        self,
+        images: Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        share_latent: bool = False,
+    ) -> Tensor:
+        """The population: ``(B, K, H, W)`` probabilities, tau from the symmetric Dirichlet prior.
+
+        ``diverse_mode="prior_classifier"`` (paper): rater = argmax (or a draw, ``diverse_rater="sample"``) of
+        p(r|tau), Z ~ q(Z|x, rater). ``"per_rater"`` (reference): the K samples are split evenly over the raters in
+        order (the first K mod R raters get one more), Z ~ q(Z|x, r). With ``share_latent=True`` tau and the chosen
+        rater are shared across the batch.
+        """
+        self._check_images(images)
+        B, R, K = images.shape[0], self.num_raters, int(num_samples)
+        mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
+        lead = 1 if share_latent else B
+        tau = self._prior_tau((lead, K), generator, mu)  # (lead, K, D)
+        if self.diverse_mode == "per_rater":
+            counts = torch.full((R,), K // R, dtype=torch.long)
+            counts[: K % R] += 1
+            rater = torch.repeat_interleave(torch.arange(R), counts).to(mu.device).expand(lead, K)
+        elif self.diverse_rater == "argmax":
+            rater = self.tau.classifier(tau).argmax(-1)
+        else:
+            p = torch.softmax(self.tau.classifier(tau).float(), -1).reshape(lead * K, R)
+            u = _draw("uniform", (lead * K, 1), generator, p)  # inverse-CDF draw from the generator
+            rater = (p.cumsum(-1) < u).sum(-1).clamp_max(R - 1).reshape(lead, K)
+        rater = rater.expand(B, K)
+        bidx = torch.arange(B, device=mu.device)[:, None]
+        mu_k, std_k = mu[bidx, rater], torch.exp(0.5 * logvar[bidx, rater])  # (B, K, H, W, Zc)
+        z = torch.addcmul(mu_k, std_k, _draw("normal", mu_k.shape, generator, mu_k))
+        return torch.sigmoid(self.head(z, tau.expand(B, K, self.tau_dim)))
+
+    # --- optimisation ---------------------------------------------------------------------------------------------
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Two groups: everything but the tau module at ``lr`` with ``weight_decay``; the tau module (Dirichlet
+        concentrations + classifier) at ``latent_lr`` (the reference: 2e-3 vs 5e-5) without weight decay."""
+        tau_ids = {id(p) for p in self.tau.parameters()}
+        main = [p for p in self.parameters() if p.requires_grad and id(p) not in tau_ids]
+        latent = [p for p in self.tau.parameters() if p.requires_grad]
+        return [
+            {"params": main, "lr": lr, "weight_decay": weight_decay},
+            {"params": latent, "lr": self.latent_lr if self.latent_lr is not None else lr, "weight_decay": 0.0},
+        ]
