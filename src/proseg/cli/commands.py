@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from proseg.cli.score import score
 from proseg.cli.version import version
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "version": version,
+    "score": score,
 }
