@@ -9,10 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from proseg.cli.evaluate import evaluate
+from proseg.cli.predict import predict
 from proseg.cli.score import score
+from proseg.cli.train import train
 from proseg.cli.version import version
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "version": version,
     "score": score,
+    "train": train,
+    "evaluate": evaluate,
+    "predict": predict,
 }

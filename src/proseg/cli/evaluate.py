@@ -1,0 +1,55 @@
+"""``proseg evaluate``: score a run or checkpoint on a split of a prepared dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A run directory (its best checkpoint) or a checkpoint directory."),
+    data: Optional[Path] = typer.Option(  # noqa: UP045 (typer needs Optional on py3.10)
+        None, "--data", help="Prepared dataset (default: the run's data.path)."),
+    split: str = typer.Option("test", "--split", help="train, val or test part of the fold."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Fold (default: the run's)."),  # noqa: UP045
+    out: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--out", "-o", help="Output folder (default: RUN/eval/<split>-fold<k>)."),
+    mode: str = typer.Option("auto", "--mode", help="personalized, diverse, both, or auto (what the model has)."),
+    samples: int = typer.Option(16, "--samples", "-k", help="K: samples per rater (personalized) or per case."),
+    convention: str = typer.Option("standard", "--convention", help="standard, reference or both."),
+    estimator: str = typer.Option("v", "--estimator", help="GED estimator: v (published code) or u."),
+    seed: int = typer.Option(0, "--seed", help="Per-case sampling seed base: generator seeded from (seed, case_id)."),
+    figures: int = typer.Option(4, "--figures", help="Write a figure for this many cases."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Slices per forward pass."),
+    max_cases: int = typer.Option(0, "--max-cases", help="Evaluate only the first N cases (0 = all)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Sample K predictions per case and score them; writes metrics.json, cases.csv and figures.
+
+    Runs sharded across processes under ``torchrun --nproc-per-node=G --no-python proseg evaluate ...``;
+    the numbers are identical on 1 or N processes.
+    """
+    from proseg.engine.errors import user_errors
+
+    with user_errors():
+        from proseg.engine.distributed import cleanup_distributed
+        from proseg.engine.evaluate import evaluate_checkpoint, summary_table
+        from proseg.engine.evaluation import MODES
+
+        modes = None if mode == "auto" else (list(MODES) if mode == "both" else [mode])
+        if modes is not None and any(m not in MODES for m in modes):
+            raise ValueError(f"--mode must be personalized, diverse, both or auto, got {mode!r}")
+        conventions = ["standard", "reference"] if convention == "both" else [convention]
+        report = evaluate_checkpoint(checkpoint, data, split=split, fold=fold, out=out, modes=modes,
+                                     num_samples=samples, conventions=conventions, estimator=estimator, seed=seed,
+                                     num_figures=figures, batch_size=batch_size, device=device, force=force,
+                                     max_cases=max_cases)
+        from proseg.engine.distributed import env_dist_info
+
+        if env_dist_info().is_main:
+            typer.echo(summary_table(report))
+            typer.echo(f"{report['num_cases']} cases, K={samples}; wrote {report['out']}/metrics.json")
+        cleanup_distributed()

@@ -1,0 +1,32 @@
+"""``proseg predict``: per-rater maps, samples, mean and uncertainty maps for NIfTI, PNG or HDF5 inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def predict(
+    checkpoint: Path = typer.Argument(..., help="A run directory (its best checkpoint) or a checkpoint directory."),
+    input: Path = typer.Argument(..., help="A .nii/.nii.gz, .png or .h5 file, or a folder of them."),
+    output: Path = typer.Argument(..., help="Output folder (must not exist unless --force)."),
+    samples: int = typer.Option(16, "--samples", "-k", help="K samples per rater (and diverse samples)."),
+    save_samples: bool = typer.Option(False, "--save-samples", help="Also write the K samples."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Probability threshold of the binary masks."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (per input: seeded from (seed, file name))."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Predict in the input's format and geometry (NIfTI keeps its affine); nothing is left half-written."""
+    from proseg.engine.errors import user_errors
+
+    with user_errors():
+        from proseg.engine.prediction import predict_path
+
+        report = predict_path(checkpoint, input, output, num_samples=samples, seed=seed, save_samples=save_samples,
+                              threshold=threshold, force=force, device=device)
+        for note in report["notes"]:
+            typer.echo(f"note: {note}", err=True)
+        n = sum(len(v["files"]) for v in report["inputs"].values())
+        typer.echo(f"predicted {len(report['inputs'])} input(s), {n} file(s) -> {output}")

@@ -1,0 +1,86 @@
+"""``proseg train``: train a model on a prepared dataset (one process, or DDP under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train(
+    overrides: Optional[list[str]] = typer.Argument(  # noqa: UP045 (typer needs Optional on py3.10)
+        None, help="Dotted config overrides, e.g. train.epochs=5 optim.lr=3e-4 model.kl_weight=0.1."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),  # noqa: UP045
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared dataset (sets data.path)."),  # noqa: UP045
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create."),  # noqa: UP045
+    fold: Optional[int] = typer.Option(None, "--fold", help="Cross-validation fold (sets data.fold)."),  # noqa: UP045
+    resume: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+) -> None:
+    """Train a model. Launch under ``torchrun --nproc-per-node=G --no-python proseg train ...`` for DDP.
+
+    Examples:
+        proseg train -c configs/synthetic/proseg.yaml --data data/synth --out runs/proseg-f0 --fold 0
+        proseg train --resume runs/proseg-f0
+    """
+    from proseg.engine.errors import user_errors
+
+    with user_errors():
+        _train(list(overrides or []), config, data, out, fold, resume)
+
+
+def _train(overrides: list[str], config: Path | None, data: Path | None, out: Path | None, fold: int | None,
+           resume: Path | None) -> None:
+    import shlex
+    import sys
+
+    from proseg.engine.config import apply_overrides, load_config
+    from proseg.engine.errors import CommandError
+    from proseg.engine.trainer import Trainer
+
+    if resume is not None:
+        if config is not None:
+            raise CommandError("--resume continues a run with its own config.yaml; do not pass --config too")
+        if out is not None and out.resolve() != resume.resolve():
+            raise CommandError("--resume writes into the run it continues; drop --out")
+        if not (resume / "config.yaml").is_file():
+            raise FileNotFoundError(f"{resume}: not a run directory (no config.yaml)")
+        cfg = load_config(resume / "config.yaml")
+        run_dir = resume
+    else:
+        if out is None:
+            raise CommandError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        cfg = load_config(config)
+        run_dir = out
+        if (run_dir / "run.json").exists() or (run_dir / "checkpoints").exists():
+            raise FileExistsError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose "
+                                  f"another --out")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(f"{run_dir}: exists and is not a directory")
+    if data is not None:
+        cfg.data.path = str(data)
+    if fold is not None:
+        cfg.data.fold = fold
+    apply_overrides(cfg, overrides)
+    _check_writable(run_dir)
+    trainer = Trainer(cfg, run_dir, resume=resume is not None, command=shlex.join(["proseg", *sys.argv[1:]]))
+    summary = trainer.fit()
+    if trainer.dist.is_main:
+        best = run_dir / "checkpoints" / "best"
+        score = summary["best_score"]
+        note = f" (val {cfg.train.val_metric} {score:.4f} at step {summary['best_step']})" if score is not None else ""
+        typer.echo(f"trained {summary['steps']} steps in {summary['elapsed_s']:.1f} s; best checkpoint: {best}{note}")
+    from proseg.engine.distributed import cleanup_distributed
+
+    cleanup_distributed()
+
+
+def _check_writable(run_dir: Path) -> None:
+    import os
+
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"{run_dir}: cannot write here ({probe} is not writable)")
