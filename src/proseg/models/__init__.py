@@ -9,6 +9,9 @@ from proseg.models.registry import create_model, get_model_class, list_models, r
 # Built-in models register themselves on import (one module per model; add new ones here).
 from proseg.models import confusion  # noqa: F401  # isort: skip
 from proseg.models import pionono  # noqa: F401  # isort: skip
+from proseg.models import prob_unet  # noqa: F401  # isort: skip
+from proseg.models import phiseg  # noqa: F401  # isort: skip
+from proseg.models import dpersona  # noqa: F401  # isort: skip
 from proseg.models import proseg  # noqa: F401  # isort: skip
 
 __all__ = [

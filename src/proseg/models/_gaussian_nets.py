@@ -57,6 +57,29 @@ def choose_present_rater(present: Tensor, generator: torch.Generator | None) -> 
     return u.argmax(dim=1), present.any(dim=1)
 
 
+def training_pairs(
+    masks: Tensor, present: Tensor, mode: str, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """The (image, rater) pairs a loss is computed on.
+
+    Args:
+        masks: ``(B, R, H, W)``; present: ``(B, R)`` bool; mode: ``"one"`` (one present rater per image, drawn
+            uniformly from ``generator``, as the reference training scripts) or ``"all"`` (every rater).
+
+    Returns:
+        ``target`` ``(B, K, H, W)`` and ``weight`` ``(B, K)`` bool with K = 1 (``one``) or R (``all``). Pairs
+        with weight False (absent raters, images without raters) have an all-zero target, so an absent
+        rater's mask is never read.
+    """
+    if mode == "one":
+        idx, valid = choose_present_rater(present, generator)
+        target = masks[torch.arange(masks.shape[0], device=masks.device), idx][:, None]
+        return target * valid[:, None, None, None].to(masks.dtype), valid[:, None]
+    if mode == "all":
+        return masks * present[..., None, None].to(masks.dtype), present
+    raise ValueError(f"rater_sampling must be 'one' or 'all', got {mode!r}")
+
+
 def l2_norm_sum(modules: Iterable[nn.Module]) -> Tensor | None:
     """Sum of the (non-squared) L2 norms of every trainable parameter tensor, as the reference
     ``l2_regularisation`` of the Prob. U-Net ports. None when there is no parameter."""

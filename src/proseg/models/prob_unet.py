@@ -40,10 +40,10 @@ from proseg.losses import gaussian_kl, segmentation_loss
 from proseg.models._gaussian_nets import (
     AxisAlignedConvGaussian,
     Fcomb,
-    choose_present_rater,
     l2_norm_sum,
     randn,
     reparameterize,
+    training_pairs,
 )
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel, NotSupportedError
@@ -173,12 +173,7 @@ class ProbUNet(MultiRaterModel):
         self, masks: Tensor, present: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
         """The (image, rater) pairs trained on: ``target (B, K, H, W)`` and ``weight (B, K)`` (K = 1 or R)."""
-        b = masks.shape[0]
-        if self.rater_sampling == "one":
-            idx, valid = choose_present_rater(present, generator)
-            target = masks[torch.arange(b, device=masks.device), idx][:, None]
-            return target * valid[:, None, None, None].to(masks.dtype), valid[:, None]
-        return masks * present[..., None, None].to(masks.dtype), present
+        return training_pairs(masks, present, self.rater_sampling, generator)
 
     def _prior_z(self, images: Tensor, num_samples: int, generator: torch.Generator | None,
                  share_latent: bool) -> tuple[Tensor, Tensor]:
