@@ -10,13 +10,17 @@ from collections.abc import Callable
 from typing import Any
 
 from proseg.cli.evaluate import evaluate
+from proseg.cli.info import info
 from proseg.cli.predict import predict
+from proseg.cli.prepare import prepare
 from proseg.cli.score import score
 from proseg.cli.train import train
 from proseg.cli.version import version
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "version": version,
+    "prepare": prepare,
+    "info": info,
     "score": score,
     "train": train,
     "evaluate": evaluate,

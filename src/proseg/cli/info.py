@@ -1,0 +1,62 @@
+"""``proseg info DATASET``: counts, rater agreement, empty masks per rater, split sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def info(
+    dataset: Path = typer.Argument(..., help="A folder written by `proseg prepare`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute and check the sha256 of every file."),
+) -> None:
+    """Describe a prepared dataset."""
+    import json
+    import math
+
+    from proseg.data.stats import store_stats
+    from proseg.data.store import open_store
+    from proseg.data.types import DataError
+
+    try:
+        store = open_store(dataset)
+        st = store_stats(store)
+        bad = store.verify() if verify else []
+    except DataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if verify:
+        st["checksums_ok"] = not bad
+        st["checksum_mismatch"] = bad
+    if as_json:
+        typer.echo(json.dumps(st, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    else:
+        src = st["source"]
+        c, h, w = st["shape"]
+        lines = [
+            f"dataset   {st['path']}",
+            f"source    {src['format']} {src['path']}",
+            f"rows      {st['rows']} slices ({c} x {h} x {w}), {st['cases']} cases, {st['volumes']} volumes, "
+            f"{st['patients']} patients",
+            f"raters    {st['num_raters']} ({st['rater_order']}): {', '.join(st['rater_names'])}",
+            f"intensity {st['intensity']}   target size {st['target_size']}",
+            f"agreement mean pairwise Dice {st['pairwise_dice']:.3f} (Dice(empty, empty) = 1)",
+            "per rater " + "  ".join(
+                f"{n}: empty {e:.1%} present {p:.1%}"
+                for n, e, p in zip(st["rater_names"], st["empty_fraction"], st["rater_present_fraction"], strict=True)
+            ),
+            f"splits    {st['splits']['num_folds']} folds by patient, seed {st['splits']['seed']}, "
+            f"val fraction {st['splits']['val_fraction']}",
+        ]
+        for k, f in enumerate(st["splits"]["folds"]):
+            lines.append(
+                f"  fold {k}: "
+                + "  ".join(f"{part} {v['patients']} patients / {v['rows']} rows" for part, v in f.items())
+            )
+        if verify:
+            lines.append("checksums " + ("ok" if not bad else f"MISMATCH: {', '.join(bad)}"))
+        typer.echo("\n".join(lines))
+    if bad:
+        raise typer.Exit(1)

@@ -1,0 +1,90 @@
+"""Joint augmentation of one image and all of its rater masks (numpy, per item, inside DataLoader workers).
+
+Every geometric transform is applied identically to the image ``(C, H, W)`` and to all masks ``(R, H, W)`` in one
+call (no loop over raters): flips and rot90 are exact; a small rotation resamples the image bilinearly and the
+masks by nearest neighbour, so masks stay exactly binary. Intensity noise touches the image only. Randomness
+comes from the ``numpy.random.Generator`` passed in (the Dataset derives it from ``seed, epoch, index``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["AugmentConfig", "augment_pair"]
+
+
+@dataclass
+class AugmentConfig:
+    """Which augmentations run, each with its own probability.
+
+    Attributes:
+        flip_p: probability of a horizontal flip, and (independently) of a vertical flip.
+        rot90_p: probability of rotating by k * 90 degrees, k uniform in {1, 2, 3}.
+        rotate_p: probability of a small rotation by an angle uniform in [-rotate_deg, rotate_deg].
+        rotate_deg: the largest small-rotation angle, degrees.
+        noise_p: probability of adding Gaussian intensity noise.
+        noise_std: its standard deviation (in stored intensity units).
+        noise_clip: noise values are clipped to +-noise_clip * noise_std (as the D-Persona reference does).
+    """
+
+    flip_p: float = 0.5
+    rot90_p: float = 0.5
+    rotate_p: float = 0.5
+    rotate_deg: float = 20.0
+    noise_p: float = 0.5
+    noise_std: float = 0.05
+    noise_clip: float = 2.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        """A configuration that changes nothing."""
+        return cls(flip_p=0.0, rot90_p=0.0, rotate_p=0.0, noise_p=0.0)
+
+
+def _rotate(image: np.ndarray, masks: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate both about the image centre; outside samples take the image's edge value and mask 0."""
+    from scipy.ndimage import affine_transform
+
+    h, w = image.shape[-2:]
+    t = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    # 3D matrices that leave the leading (channel / rater) axis alone: one call for all channels / raters
+    mat = np.eye(3)
+    mat[1:, 1:] = rot
+    off = np.zeros(3)
+    off[1:] = centre - rot @ centre
+    img = affine_transform(image, mat, offset=off, order=1, mode="nearest")
+    msk = affine_transform(masks, mat, offset=off, order=0, mode="constant", cval=0.0)
+    return img.astype(image.dtype, copy=False), msk
+
+
+def augment_pair(
+    image: np.ndarray, masks: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Augment ``image (C, H, W)`` float32 and ``masks (R, H, W)`` (any dtype, {0, 1}) jointly.
+
+    Returns new arrays (inputs untouched); masks keep their dtype and stay in {0, 1}. The result is a function
+    of the generator's state (the Dataset seeds one generator per item).
+    """
+    u = rng.random(7)
+    if u[0] < cfg.flip_p:
+        image, masks = image[..., ::-1], masks[..., ::-1]
+    if u[1] < cfg.flip_p:
+        image, masks = image[..., ::-1, :], masks[..., ::-1, :]
+    if u[2] < cfg.rot90_p:
+        k = 1 + int(u[3] * 3)  # 1, 2 or 3
+        image, masks = np.rot90(image, k, axes=(-2, -1)), np.rot90(masks, k, axes=(-2, -1))
+    if u[4] < cfg.rotate_p and cfg.rotate_deg > 0:
+        angle = (2 * u[5] - 1) * cfg.rotate_deg
+        image, masks = _rotate(np.ascontiguousarray(image), np.ascontiguousarray(masks), angle)
+    if u[6] < cfg.noise_p and cfg.noise_std > 0:
+        noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(cfg.noise_std)
+        lim = np.float32(cfg.noise_clip * cfg.noise_std)
+        image = image + np.clip(noise, -lim, lim)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(masks)

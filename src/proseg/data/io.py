@@ -1,0 +1,234 @@
+"""Safe low-level readers: PNG, NIfTI, NPY/NPZ and HDF5.
+
+Every failure (missing file, truncated or corrupt content, wrong type) is raised as ``DataError`` naming the
+file, so a reader or ``proseg predict`` never leaks a bare ``OSError``/``zlib.error`` to the user. Nothing here
+unpickles: NPY/NPZ are read with ``allow_pickle=False`` (the restricted unpickler for the LIDC pickles lives in
+``proseg.data.safe_pickle``).
+
+Array conventions: PNG -> ``(H, W)`` or ``(H, W, C)`` (channels last, as stored); NIfTI -> the data array in
+its stored axis order ``(X, Y[, Z[, ...]])`` plus the 4x4 affine and the voxel sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from proseg.data.types import DataError
+
+__all__ = [
+    "NiftiVolume",
+    "check_finite",
+    "read_array",
+    "read_hdf5",
+    "read_nifti",
+    "read_npy",
+    "read_npz",
+    "read_png",
+    "to_binary_mask",
+]
+
+
+def _fail(path: str | Path, problem: str, exc: BaseException | None = None) -> DataError:
+    detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return DataError(f"{path}: {problem}{detail}")
+
+
+def _require_file(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise _fail(p, "file not found" if not p.exists() else "not a regular file")
+    return p
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """Decode a PNG (or any Pillow-readable 2D image) fully.
+
+    Returns:
+        ``(H, W)`` for grayscale (modes ``L``, ``I;16``, ``I``, ``1``) or ``(H, W, C)`` channels-last for
+        ``LA``/``RGB``/``RGBA``; palette images are converted to RGB. dtype as stored (uint8/uint16/int32/bool).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = _require_file(path)
+    try:
+        with Image.open(p) as im:
+            im.load()  # force the full decode now: truncated files fail here, not later
+            if im.mode == "P":
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise _fail(p, "unreadable or truncated image", exc) from exc
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise _fail(p, f"unexpected image shape {arr.shape}")
+    return arr
+
+
+@dataclass
+class NiftiVolume:
+    """A NIfTI image: ``data`` in stored axis order, ``affine`` ``(4, 4)`` float64, ``zooms`` voxel sizes."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+
+
+def read_nifti(path: str | Path) -> NiftiVolume:
+    """Read a ``.nii`` / ``.nii.gz`` fully (no lazy proxy left open), keeping the affine and voxel sizes.
+
+    The data keeps its stored dtype when the header has no scaling (slope 1, intercept 0), else float32/64.
+    """
+    import nibabel as nib
+
+    p = _require_file(path)
+    try:
+        img = nib.load(str(p))
+        data = np.asarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, OSError ...)
+        raise _fail(p, "unreadable or truncated NIfTI file", exc) from exc
+    if data.size == 0:
+        raise _fail(p, f"empty NIfTI data array of shape {data.shape}")
+    return NiftiVolume(data=data, affine=affine, zooms=zooms)
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """Read a ``.npy`` array with ``allow_pickle=False`` (object arrays are refused)."""
+    p = _require_file(path)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise _fail(p, "unreadable .npy file (object arrays are refused)", exc) from exc
+    if not isinstance(arr, np.ndarray):
+        raise _fail(p, "expected a .npy array")
+    return arr
+
+
+def read_npz(path: str | Path, key: str | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    """Read a ``.npz`` with ``allow_pickle=False``: the array ``key``, or all arrays as a dict when None."""
+    p = _require_file(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if key is not None:
+                if key not in z.files:
+                    raise _fail(p, f"no array {key!r} (has {sorted(z.files)})")
+                return np.asarray(z[key])
+            return {k: np.asarray(z[k]) for k in z.files}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise _fail(p, "unreadable .npz file (object arrays are refused)", exc) from exc
+
+
+def read_hdf5(path: str | Path, keys: Iterable[str] | None = None, optional: Iterable[str] = ()) -> dict[str, Any]:
+    """Read datasets of an HDF5 file fully into numpy arrays.
+
+    Args:
+        keys: dataset names that must exist (None: every top-level dataset).
+        optional: names read when present and skipped silently when absent.
+    Returns:
+        ``{name: array}``; a name from ``keys`` that is missing raises ``DataError`` listing what the file has.
+    """
+    import h5py
+
+    p = _require_file(path)
+    out: dict[str, Any] = {}
+    try:
+        with h5py.File(p, "r") as f:
+            names = list(f.keys())
+            wanted = names if keys is None else list(keys)
+            for k in wanted:
+                if k not in f:
+                    raise _fail(p, f"missing dataset {k!r} (the file has {sorted(names)})")
+                out[k] = _read_dataset(p, f[k], k)
+            for k in optional:
+                if k in f and k not in out:
+                    out[k] = _read_dataset(p, f[k], k)
+    except DataError:
+        raise
+    except Exception as exc:  # OSError for truncated/corrupt files, KeyError for broken links ...
+        raise _fail(p, "unreadable or truncated HDF5 file", exc) from exc
+    return out
+
+
+def hdf5_keys(path: str | Path) -> list[str]:
+    """Top-level names of an HDF5 file (``DataError`` when unreadable)."""
+    import h5py
+
+    p = _require_file(path)
+    try:
+        with h5py.File(p, "r") as f:
+            return list(f.keys())
+    except Exception as exc:
+        raise _fail(p, "unreadable or truncated HDF5 file", exc) from exc
+
+
+def _read_dataset(path: Path, node: Any, key: str) -> np.ndarray:
+    import h5py
+
+    if not isinstance(node, h5py.Dataset):
+        raise _fail(path, f"{key!r} is a group, not a dataset")
+    return np.asarray(node[()])
+
+
+def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """Read an image/mask file by extension: NIfTI, PNG (or other Pillow formats), NPY or single-array NPZ.
+
+    Returns:
+        ``(array, affine or None, spacing)``: the array in the format's own layout (see module docstring).
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        vol = read_nifti(p)
+        return vol.data, vol.affine, vol.zooms
+    if name.endswith(".npy"):
+        return read_npy(p), None, ()
+    if name.endswith(".npz"):
+        arrays = read_npz(p)
+        assert isinstance(arrays, dict)
+        if len(arrays) != 1:
+            raise _fail(p, f"expected exactly one array in the .npz, found {sorted(arrays)}")
+        return next(iter(arrays.values())), None, ()
+    if name.endswith((".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")):
+        return read_png(p), None, ()
+    raise _fail(p, "unsupported file type (expected .nii/.nii.gz, .png/.tif/.bmp/.jpg, .npy or .npz)")
+
+
+def check_finite(image: np.ndarray, path: str | Path) -> None:
+    """Raise ``DataError`` when a floating image holds NaN or Inf (integer images are finite by type)."""
+    if np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.complexfloating):
+        if not np.isfinite(image).all():
+            bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+            raise _fail(path, f"image holds {bad} NaN/Inf value(s)")
+    elif not (np.issubdtype(image.dtype, np.integer) or image.dtype == np.bool_):
+        raise _fail(path, f"image has a non-numeric dtype {image.dtype}")
+
+
+def to_binary_mask(mask: np.ndarray, path: str | Path) -> np.ndarray:
+    """Validate a rater mask and return it as bool.
+
+    Accepted encodings: bool; integers or floats whose values lie in {0, 1} or in {0, 255}. Anything else
+    (soft masks, label maps with several classes, NaN) raises ``DataError`` naming the file and the values.
+    """
+    if mask.dtype == np.bool_:
+        return mask
+    if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+        raise _fail(path, f"mask has a non-numeric dtype {mask.dtype}")
+    if mask.size == 0:
+        raise _fail(path, "empty mask")
+    hi = mask.max()
+    nz = mask != 0
+    # {0,1} or {0,255}: every nonzero value equals the maximum, and the maximum is 1 or 255
+    if (hi in (1, 255)) and bool(np.all(mask[nz] == hi)) and mask.min() >= 0:
+        return nz
+    if not nz.any():
+        return nz
+    values = np.unique(mask)
+    shown = ", ".join(str(v) for v in values[:8]) + (" ..." if values.size > 8 else "")
+    raise _fail(path, f"mask is not binary: values {{{shown}}} (expected {{0, 1}} or {{0, 255}})")
