@@ -27,8 +27,10 @@ query, so the average is over a set of one). Loss: the per-rater foreground Dice
 Hand-over: ``model = load_model(stage1_dir); model.set_stage(2)`` (or ``create_model(..., stage=2)`` and a
 strict ``load_state_dict`` of the stage-1 weights: the two stages have the same parameters and buffers).
 ``set_stage`` records the stage in ``init_config`` so that ``save_model`` / ``load_model`` round-trip it.
-The buffer ``trained_stage`` records the highest stage whose loss has run in training mode; personalized
-sampling needs ``trained_stage >= 2`` and raises :class:`NotSupportedError` otherwise.
+The buffer ``trained_stage`` records the highest stage whose loss has run in training mode (saved with the
+weights, so a stage-1 checkpoint loaded into a stage-2 model keeps ``stage=2`` from the config). Personalized
+sampling needs stage 2 or ``trained_stage >= 2`` (``supports_personalized`` says which) and raises
+:class:`NotSupportedError` otherwise: a stage-1 model has untrained projection heads.
 
 Sampling
     * diverse: stage-1 prior samples (as the Prob. U-Net), available at any stage.
@@ -115,13 +117,11 @@ class ProjectionHeads(nn.Module):
 
 
 class _PersonalizedFlag:
-    """``supports_personalized``: False on the class (a fresh model is at stage 1), on an instance True once
-    stage 2 has been trained (``trained_stage >= 2``)."""
+    """``supports_personalized``: False on the class (a fresh model is at stage 1); on an instance True when it
+    is in stage 2 or its stage-2 heads have been trained (:meth:`DPersona.has_personalized`)."""
 
     def __get__(self, obj: DPersona | None, objtype: type | None = None) -> bool:
-        if obj is None:
-            return False
-        return bool(int(obj.trained_stage) >= 2)
+        return False if obj is None else obj.has_personalized()
 
 
 @register_model("dpersona")
@@ -228,6 +228,11 @@ class DPersona(ProbUNet):
     def _posterior_mask_channels(self) -> int:
         return self.num_raters if self.posterior_input == "all" else 1
 
+    def has_personalized(self) -> bool:
+        """Whether personalized sampling is meaningful: the model is in stage 2 (its heads are what is being
+        trained and validated) or a stage-2 loss has run in training mode (``trained_stage >= 2``)."""
+        return self.stage == 2 or int(self.trained_stage) >= 2
+
     # --- stages --------------------------------------------------------------------------------------
     def _stage1_modules(self) -> list[nn.Module]:
         return [self.backbone, self.prior, self.posterior, self.fcomb]
@@ -329,11 +334,12 @@ class DPersona(ProbUNet):
         """``(B, R, K, H, W)``: for each of K independent prior sets, every rater's projected prediction."""
         self._check_images(images)
         self._check_num_samples(num_samples)
-        if int(self.trained_stage) < 2:
+        if not self.has_personalized():
             raise NotSupportedError(
                 "D-Persona's personalized output comes from its stage-2 projection heads, which have not been "
-                f"trained (trained_stage={int(self.trained_stage)}): train stage 1, then model.set_stage(2) (or "
-                "the config key stage: 2) and train stage 2; sample_diverse works at any stage."
+                f"trained (stage={self.stage}, trained_stage={int(self.trained_stage)}): train stage 1, then "
+                "model.set_stage(2) (or model args stage: 2 with init_from the stage-1 run) and train stage 2; "
+                "sample_diverse works at any stage."
             )
         feats, z_set = self._prior_sets(images, num_samples, self.z_set_size_eval, generator, share_latent)
         return torch.sigmoid(self._project(feats, z_set)).to(images.dtype)
