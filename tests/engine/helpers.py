@@ -23,6 +23,9 @@ class TinyConvModel(MultiRaterModel):
     same global batch up to float summation order.
     """
 
+    supports_personalized = True
+    supports_diverse = True
+
     def __init__(self, in_channels: int, num_raters: int, noise: float = 0.05) -> None:
         super().__init__(in_channels, num_raters)
         self.conv = nn.Conv2d(in_channels, num_raters, 3, padding=1)

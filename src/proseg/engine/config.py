@@ -41,7 +41,7 @@ class DataConfig:
         path: a dataset prepared by ``proseg prepare`` (folder with ``manifest.json``).
         fold: cross-validation fold; training uses its ``train`` part, model selection its ``val`` part.
         augment: joint image/mask augmentation during training (flips, rot90, small rotations, noise).
-        augment_args: keyword arguments of :class:`proseg.data.AugmentConfig` (validated against it).
+        augment_args: keyword arguments of :class:`proseg.data.augment.AugmentConfig` (validated against it).
         num_workers: DataLoader worker processes per rank (0 = load in the training process).
     """
 
@@ -57,11 +57,14 @@ class ModelConfig:
     """Which model to build: ``create_model(name, in_channels=C, num_raters=R, preset=preset, **args)``.
 
     ``in_channels`` and ``num_raters`` come from the dataset's manifest, never from the config.
+    ``init_from``: a checkpoint (or run) directory whose weights are loaded, strictly, into the new model before
+    training (e.g. D-Persona stage 2 starting from the stage-1 run); empty = random initialisation.
     """
 
     name: str = "proseg"
     preset: str = "default"
     args: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
 
 
 @dataclass
@@ -222,6 +225,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -407,7 +415,7 @@ def validate_model_args(model: ModelConfig) -> None:
 
 
 def validate_augment_args(args: dict[str, Any]) -> None:
-    from proseg.data import AugmentConfig  # type: ignore[attr-defined]
+    from proseg.data.augment import AugmentConfig
 
     names = {f.name for f in dataclasses.fields(AugmentConfig)}
     for key in args:

@@ -64,7 +64,8 @@ def case_loader(store: Any) -> tuple[Callable[[str], CaseData], Callable[[np.nda
 
 def train_data(cfg: Config) -> Any:
     """The training Dataset of ``cfg.data.fold``'s train part and the validation cases of its val part."""
-    from proseg.data.dataset import AugmentConfig, MultiRaterDataset
+    from proseg.data.augment import AugmentConfig
+    from proseg.data.dataset import MultiRaterDataset
     from proseg.engine.trainer import TrainData
 
     store = open_dataset(cfg.data.path)

@@ -58,8 +58,7 @@ def evaluate_checkpoint(
     """Evaluate; returns the ``metrics.json`` content (on every rank). See the module docstring."""
     from proseg.engine.config import load_config
     from proseg.engine.data import case_loader, open_dataset
-    from proseg.metrics import aggregate
-    from proseg.metrics.aggregate import write_records_csv
+    from proseg.metrics.aggregate import aggregate, write_records_csv
     from proseg.models import load_model
     from proseg.models.base import WEIGHTS_NAME
 

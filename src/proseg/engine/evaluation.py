@@ -48,7 +48,10 @@ def case_generator(seed: int, case_id: str, device: torch.device) -> torch.Gener
 
 
 def supports(model: MultiRaterModel, mode: str) -> bool:
-    """Whether the model class implements ``mode`` (it overrides the base method that raises)."""
+    """Whether the model has ``mode``: its ``supports_<mode>`` flag, else whether it overrides the base method."""
+    flag = getattr(model, f"supports_{mode}", None)
+    if flag is not None:
+        return bool(flag)
     name = "sample_personalized" if mode == "personalized" else "sample_diverse"
     return getattr(type(model), name) is not getattr(MultiRaterModel, name)
 

@@ -139,8 +139,10 @@ class Trainer:
             model = create_model(cfg.model.name, in_channels=int(data.meta["in_channels"]),
                                  num_raters=int(data.meta["num_raters"]), preset=cfg.model.preset,
                                  **cfg.model.args)
+            if cfg.model.init_from:
+                self._init_weights(model, cfg.model.init_from)
         self.model: MultiRaterModel = model.to(self.device)
-        self.val_modes = self._val_modes()
+        self._val_modes()  # fail early on a val_mode the model does not have
 
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
@@ -186,11 +188,24 @@ class Trainer:
             self._write_run_files(resume)
 
     # --- set-up helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _init_weights(model: MultiRaterModel, source: str) -> None:
+        """Load the weights of checkpoint ``source`` strictly into ``model`` (same architecture)."""
+        from safetensors.torch import load_file
+
+        from proseg.models.base import WEIGHTS_NAME
+
+        src = ckpt.resolve_checkpoint(source)
+        state = load_file(str(src / WEIGHTS_NAME))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"model.init_from={source}: its weights do not fit the configured model ({exc})") from exc
+
     def _val_modes(self) -> list[str]:
         mode = self.cfg.train.val_mode
         if mode == "auto":
-            return resolve_modes(self.model, ["personalized"], strict=False) \
-                if _supports(self.model, "personalized") else resolve_modes(self.model, ["diverse"], strict=True)
+            mode = "personalized" if _supports(self.model, "personalized") else "diverse"
         return resolve_modes(self.model, [mode], strict=True)
 
     def _write_run_files(self, resume: bool) -> None:
@@ -363,11 +378,12 @@ class Trainer:
         if not cases:
             return None
         t0 = time.time()
+        modes = self._val_modes()  # at validation time: a model's outputs can depend on its training stage
         records, _, _ = evaluate_cases(
-            self.model, cases, self.data.load_case, modes=self.val_modes, num_samples=self.cfg.train.val_num_samples,
+            self.model, cases, self.data.load_case, modes=modes, num_samples=self.cfg.train.val_num_samples,
             conventions=("standard",), estimator="v", seed=self.cfg.train.seed, batch_size=self.cfg.eval.batch_size,
             rank=self.dist.rank, world_size=self.dist.world_size)
-        mode = self.val_modes[0]
+        mode = modes[0]
         summary = summarize(records, mode, "standard")
         score, higher = selection_score(summary, self.cfg.train.val_metric)
         return {"summary": summary, "score": score, "higher_is_better": higher, "mode": mode,
@@ -420,6 +436,8 @@ class Trainer:
             while self.step < self.total_steps and not stop:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start_batch=start)
+                if hasattr(self.data.train, "set_epoch"):  # augmentation keyed by (seed, epoch, row)
+                    self.data.train.set_epoch(epoch)
                 if start == 0:
                     self.on_epoch_start(epoch)
                 loader = self._loader(epoch, start)

@@ -72,6 +72,8 @@ def case_figure(
     elif diverse is not None:
         du = diverse_uncertainty(torch.from_numpy(diverse[:, d]))
         rows.append([("mean", du["mean"].numpy(), "viridis"), ("var total", du["total"].numpy(), "magma")])
+    var_max = max((float(a.max()) for row in rows for (_, a, c) in row if c == "magma"), default=0.0)
+    var_max = max(var_max, 1e-6)  # one scale for every variance map, so they can be compared
     ncols = max(len(row) for row in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(1.8 * ncols, 1.9 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
@@ -84,7 +86,8 @@ def case_figure(
                 if cmap == "viridis" or label.startswith(("rater", "mask")) or i == 0 and j > 0:
                     kw.update(vmin=0.0, vmax=1.0)
                 if cmap == "magma":
-                    kw.update(vmin=0.0, vmax=0.25)
+                    kw.update(vmin=0.0, vmax=var_max)
+                    label = f"{label} (max {var_max:.2g})" if label.endswith("total") else label
                 ax.imshow(arr, **kw)
                 ax.set_title(label, fontsize=7)
     if title:
