@@ -45,23 +45,28 @@ def _require_file(path: str | Path) -> Path:
     return p
 
 
-def read_png(path: str | Path) -> np.ndarray:
+def read_png(path: str | Path, formats: tuple[str, ...] | None = None) -> np.ndarray:
     """Decode a PNG (or any Pillow-readable 2D image) fully.
 
     Returns:
         ``(H, W)`` for grayscale (modes ``L``, ``I;16``, ``I``, ``1``) or ``(H, W, C)`` channels-last for
         ``LA``/``RGB``/``RGBA``; palette images are converted to RGB. dtype as stored (uint8/uint16/int32/bool).
+        ``formats`` restricts Pillow's format probing (e.g. ``("PNG",)``, faster for bulk reads).
     """
     from PIL import Image, UnidentifiedImageError
 
-    p = _require_file(path)
+    p = str(path)
     try:
-        with Image.open(p) as im:
+        with Image.open(p, formats=formats) as im:
             im.load()  # force the full decode now: truncated files fail here, not later
             if im.mode == "P":
                 im = im.convert("RGB")
             arr = np.asarray(im)
+    except FileNotFoundError:
+        raise _fail(p, "file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if not Path(p).is_file():
+            raise _fail(p, "not a regular file") from None
         raise _fail(p, "unreadable or truncated image", exc) from exc
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise _fail(p, f"unexpected image shape {arr.shape}")
@@ -222,6 +227,15 @@ def to_binary_mask(mask: np.ndarray, path: str | Path) -> np.ndarray:
         raise _fail(path, f"mask has a non-numeric dtype {mask.dtype}")
     if mask.size == 0:
         raise _fail(path, "empty mask")
+    if mask.dtype == np.uint8:  # the common case (PNG masks): one counting pass
+        counts = np.bincount(mask.reshape(-1), minlength=256)
+        used = np.flatnonzero(counts)
+        if used.size == 1 or (used.size == 2 and used[0] == 0 and used[1] in (1, 255)):
+            if used.size == 1 and used[0] not in (0, 1, 255):
+                raise _fail(path, f"mask is not binary: values {{{used[0]}}} (expected {{0, 1}} or {{0, 255}})")
+            return mask != 0
+        shown = ", ".join(str(v) for v in used[:8]) + (" ..." if used.size > 8 else "")
+        raise _fail(path, f"mask is not binary: values {{{shown}}} (expected {{0, 1}} or {{0, 255}})")
     hi = mask.max()
     nz = mask != 0
     # {0,1} or {0,255}: every nonzero value equals the maximum, and the maximum is 1 or 255

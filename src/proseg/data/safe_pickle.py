@@ -3,6 +3,7 @@ MedicalMatting/D-Persona).
 
 ``pickle.load`` executes whatever callable a file names; a data pickle should only ever name numpy's array
 reconstruction. ``SafeUnpickler.find_class`` admits exactly that (``numpy[._]core.multiarray._reconstruct``,
+``numpy[._]core.numeric._frombuffer`` (protocol 5),
 ``numpy.ndarray``, ``numpy.dtype``, numpy scalar types and ``multiarray.scalar``), the builtin containers, and
 ``_codecs.encode`` (how protocol-2 pickles spell ``bytes``). Every other global (``os.system``,
 ``builtins.eval``, ``subprocess.Popen`` ...) is refused *before* it is called, with a ``DataError`` naming the
@@ -36,6 +37,12 @@ _ALLOWED: dict[tuple[str, str], Any] = {}
 for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_mod, "_reconstruct")] = _MA._reconstruct
     _ALLOWED[(_mod, "scalar")] = _MA.scalar
+try:  # protocol 5 pickles contiguous arrays as numeric._frombuffer(bytes, dtype, shape, order)
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.numeric import _frombuffer  # type: ignore[no-redef]
+for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
+    _ALLOWED[(_mod, "_frombuffer")] = _frombuffer
 _ALLOWED[("numpy", "ndarray")] = np.ndarray
 _ALLOWED[("numpy", "dtype")] = np.dtype
 for _mod in ("builtins", "__builtin__"):

@@ -93,9 +93,12 @@ def list_cases(src: str | Path, allow_missing_raters: bool = False) -> list[Case
 
 
 def _loader(ndir: Path, pid: str, nod: str, k: int, raters: list[str], rater_names: list[str]):
+    base = str(ndir)
+    fname = f"slice-{k}.png"
+
     def load() -> Sample:
-        img_path = ndir / "images" / f"slice-{k}.png"
-        img = read_png(img_path)
+        img_path = os.path.join(base, "images", fname)
+        img = read_png(img_path, formats=("PNG",))
         if img.ndim == 3:  # grayscale saved as RGB(A): accept only when the colour channels agree
             if img.shape[2] >= 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(
                 img[..., 0], img[..., 2]
@@ -108,10 +111,10 @@ def _loader(ndir: Path, pid: str, nod: str, k: int, raters: list[str], rater_nam
         masks = np.zeros((len(rater_names),) + img.shape, bool)
         present = np.zeros(len(rater_names), bool)
         for r in raters:
-            mpath = ndir / r / f"slice-{k}.png"
-            if not mpath.exists():
+            mpath = os.path.join(base, r, fname)
+            if not os.path.exists(mpath):
                 raise DataError(f"{mpath}: missing mask file for slice {img_path}")
-            m = read_png(mpath)
+            m = read_png(mpath, formats=("PNG",))
             if m.ndim == 3:
                 m = m[..., 0]
             if m.shape != img.shape:
@@ -128,7 +131,7 @@ def _loader(ndir: Path, pid: str, nod: str, k: int, raters: list[str], rater_nam
             rater_names=list(rater_names),
             spacing=(),
             affine=None,
-            source=str(img_path),
+            source=img_path,
             extra={"volume_id": f"{pid}/{nod}", "slice_index": k, "source_dtype": str(img.dtype)},
         )
 
