@@ -198,3 +198,32 @@ def test_predict_true_and_param_groups() -> None:
     assert sum(len(g["params"]) for g in groups.values()) == sum(1 for _ in pix.parameters())
     with pytest.raises(ValueError, match="depend on the image"):
         pix.confusion_matrices()
+
+
+def test_rater_sampling_one() -> None:
+    model = _model("cm_global")
+    _perturb(model)
+    batch = _batch()
+    batch["rater_present"] = torch.tensor([[False, True, False], [False, False, True]])
+    out_all = model.loss(batch)
+    model.rater_sampling = "one"
+    torch.testing.assert_close(model.loss(batch)["loss"], out_all["loss"])  # only one choice per image
+    batch["rater_present"] = torch.tensor([[True, True, True], [True, True, True]])
+    model.rater_sampling = "all"
+    pair_nll = torch.zeros(2, R)  # NLL of each single (image, rater) pair
+    for b in range(2):
+        for r in range(R):
+            present = torch.zeros(2, R, dtype=torch.bool)
+            present[b, r] = True
+            pair_nll[b, r] = model.loss({**batch, "rater_present": present})["nll"]
+    combos = (pair_nll[0][:, None] + pair_nll[1][None, :]) / 2  # (r0, r1)
+    model.rater_sampling = "one"
+    seen = set()
+    for seed in range(6):
+        nll = model.loss(batch, generator=torch.Generator().manual_seed(seed))["nll"]
+        again = model.loss(batch, generator=torch.Generator().manual_seed(seed))["nll"]
+        torch.testing.assert_close(nll, again)  # deterministic under the generator
+        match = (combos - nll).abs() < 1e-5
+        assert match.any()  # one rater per image
+        seen.add(tuple(match.nonzero()[0].tolist()))
+    assert len(seen) > 1  # and the choice varies with the generator

@@ -59,7 +59,7 @@ def test_model_kl_uses_the_posterior_tables() -> None:
 
 
 def test_covariance_stays_positive_definite_under_large_steps() -> None:
-    model = _model(latent_lr=5.0)
+    model = _model(latent_lr=1.0)  # 50x the reference's latent lr
     opt = torch.optim.Adam(model.param_groups(lr=1e-3))
     batch = _batch()
     for _ in range(4):
@@ -68,16 +68,19 @@ def test_covariance_stays_positive_definite_under_large_steps() -> None:
         # push hard on the covariance: a term that wants every diagonal entry of L negative
         (loss + 100.0 * torch.diagonal(model.latent.scale_tril(), dim1=-2, dim2=-1).sum()).backward()
         opt.step()
+    raw_diag = torch.diagonal(model.latent.raw_tril.detach(), dim1=-2, dim2=-1)
+    assert (raw_diag < 0).all()  # an unconstrained scale_tril (the original) would now be invalid
     lower = model.latent.scale_tril().detach()
     assert torch.isfinite(lower).all()
     assert (torch.diagonal(lower, dim1=-2, dim2=-1) > 0).all()
     torch.linalg.cholesky(model.latent.covariance().detach().double())  # raises if not PD
     MultivariateNormal(model.latent.mu.detach(), scale_tril=lower, validate_args=True)
     assert torch.isfinite(model.kl_per_rater()).all()
-    # even an absurd raw diagonal gives a valid factor (softplus + floor)
+    # even an absurd raw diagonal gives a valid factor (softplus + 1e-5 floor)
     with torch.no_grad():
         model.latent.raw_tril.diagonal(dim1=-2, dim2=-1).fill_(-1e4)
-    assert (torch.diagonal(model.latent.scale_tril(), dim1=-2, dim2=-1) > 0).all()
+    assert (torch.diagonal(model.latent.scale_tril(), dim1=-2, dim2=-1) >= 1e-5).all()
+    assert torch.isfinite(model.kl_per_rater()).all()
 
 
 def test_folded_head_equals_tile_and_concat() -> None:
@@ -176,3 +179,21 @@ def test_bad_options_raise() -> None:
         _model(head_layers=1)
     with pytest.raises(ValueError, match="expects images"):
         _model().sample_personalized(torch.zeros(1, 2, 8, 8))
+
+
+def test_rater_sampling_one_uses_a_present_rater() -> None:
+    model = _model()
+    with torch.no_grad():  # near-deterministic latents, so "one" and "all" see the same predictions
+        model.latent.raw_tril.diagonal(dim1=-2, dim2=-1).fill_(-20.0)
+    batch = _batch()
+    batch["rater_present"] = torch.tensor([[True, False, False], [False, False, True]])
+    out_all = model.loss(batch, generator=torch.Generator().manual_seed(0))
+    model.rater_sampling = "one"
+    out_one = model.loss(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out_one["loss"], out_all["loss"], rtol=1e-4, atol=1e-5)
+    batch["rater_present"] = torch.tensor([[True, True, True], [True, True, True]])
+    a = model.loss(batch, generator=torch.Generator().manual_seed(3))["loss"]
+    b = model.loss(batch, generator=torch.Generator().manual_seed(3))["loss"]
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="rater_sampling"):
+        _model(rater_sampling="some")

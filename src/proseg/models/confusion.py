@@ -36,6 +36,7 @@ from torch import Tensor
 
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel, NotSupportedError
+from proseg.models.pionono import select_raters
 from proseg.models.registry import register_model
 
 NUM_CLASSES = 2
@@ -171,8 +172,12 @@ class _ConfusionMatrixModel(MultiRaterModel):
         cm_lr: float | None = 0.01,
         seg_head_kernel: int = 1,
         diverse_from_raters: bool = True,
+        rater_sampling: str = "all",
     ) -> None:
         super().__init__(in_channels, num_raters)
+        if rater_sampling not in ("all", "one"):
+            raise ValueError(f"rater_sampling must be 'all' or 'one', got {rater_sampling!r}")
+        self.rater_sampling = rater_sampling
         if seg_head_kernel < 1 or seg_head_kernel % 2 == 0:
             raise ValueError(f"seg_head_kernel must be a positive odd number, got {seg_head_kernel}")
         _diag_logit(cm_init_diag)
@@ -224,11 +229,14 @@ class _ConfusionMatrixModel(MultiRaterModel):
 
     # --- API ------------------------------------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """``{"loss", "nll", "trace"}``: ``loss = nll + trace_weight * trace`` over the present pairs
-        (``generator`` is accepted for API symmetry; the model has no randomness)."""
+        """``{"loss", "nll", "trace"}``: ``loss = nll + trace_weight * trace`` over the used (image, rater) pairs:
+        every present one (``rater_sampling="all"``) or one present rater per image drawn from ``generator``
+        (``"one"``, the reference training scripts)."""
         image, masks, present = self._check_batch(batch)
         log_p_true, log_cm = self._forward(image)
-        weight = present.to(log_p_true.dtype)
+        raters, pair_weight = select_raters(present, self.rater_sampling, generator)
+        weight = torch.zeros(present.shape, dtype=log_p_true.dtype, device=present.device)
+        weight = weight.scatter(1, raters, pair_weight.to(weight.dtype))  # (B, R): 0 = not used this step
         nll = confusion_nll(rater_log_probs(log_p_true, log_cm), masks, weight)
         trace = confusion_trace(log_cm.exp(), weight)
         total = nll + self.trace_weight * trace
@@ -292,13 +300,15 @@ class CMGlobal(_ConfusionMatrixModel):
         cm_lr: learning rate of the table (reference 0.01); None = the model lr.
         seg_head_kernel: kernel of the 2-class output convolution (smp's ``SegmentationHead`` uses 3).
         diverse_from_raters: whether ``sample_diverse`` returns the rater outputs cycled to K (True) or raises.
+        rater_sampling: ``"all"`` (every present rater each step, as the paper's loss) or ``"one"`` (one present
+            rater per image, as the ProSeg/D-Persona/Pionono training scripts).
     """
 
     level = "global"
     PRESETS: dict[str, dict[str, Any]] = {
         "default": {"backbone": "unet", "trace_weight": 0.01, "cm_init_diag": 0.9, "cm_lr": 0.01},
         "reference": {"backbone": "resnet34_unet", "trace_weight": 0.01, "cm_init_diag": REFERENCE_INIT_DIAG,
-                      "cm_lr": 0.01, "seg_head_kernel": 3},
+                      "cm_lr": 0.01, "seg_head_kernel": 3, "rater_sampling": "one"},
         "tiny": {"backbone": "unet", "backbone_cfg": {"widths": (8, 16)}, "trace_weight": 0.01,
                  "cm_init_diag": 0.9, "cm_lr": 0.01},
     }
@@ -314,11 +324,12 @@ class CMGlobal(_ConfusionMatrixModel):
         cm_lr: float | None = 0.01,
         seg_head_kernel: int = 1,
         diverse_from_raters: bool = True,
+        rater_sampling: str = "all",
     ) -> None:
         super().__init__(
             in_channels, num_raters, backbone=backbone, backbone_cfg=backbone_cfg, trace_weight=trace_weight,
             cm_init_diag=cm_init_diag, cm_lr=cm_lr, seg_head_kernel=seg_head_kernel,
-            diverse_from_raters=diverse_from_raters,
+            diverse_from_raters=diverse_from_raters, rater_sampling=rater_sampling,
         )
         table = torch.zeros(num_raters, NUM_CLASSES, NUM_CLASSES)
         table.diagonal(dim1=-2, dim2=-1).fill_(_diag_logit(self.cm_init_diag))
@@ -347,7 +358,8 @@ class CMPixel(_ConfusionMatrixModel):
         "default": {"backbone": "unet", "trace_weight": 0.01, "cm_init_diag": 0.9, "cm_lr": None,
                     "cm_head_convs": 4, "cm_head_norm": "instance"},
         "reference": {"backbone": "resnet34_unet", "trace_weight": 0.01, "cm_init_diag": 0.9, "cm_lr": 0.01,
-                      "cm_head_convs": 4, "cm_head_norm": "instance", "seg_head_kernel": 3},
+                      "cm_head_convs": 4, "cm_head_norm": "instance", "seg_head_kernel": 3,
+                      "rater_sampling": "one"},
         "tiny": {"backbone": "unet", "backbone_cfg": {"widths": (8, 16)}, "trace_weight": 0.01,
                  "cm_init_diag": 0.9, "cm_lr": None, "cm_head_convs": 1, "cm_head_channels": 4},
     }
@@ -363,6 +375,7 @@ class CMPixel(_ConfusionMatrixModel):
         cm_lr: float | None = None,
         seg_head_kernel: int = 1,
         diverse_from_raters: bool = True,
+        rater_sampling: str = "all",
         cm_head_convs: int = 4,
         cm_head_channels: int | None = None,
         cm_head_norm: str = "instance",
@@ -370,7 +383,7 @@ class CMPixel(_ConfusionMatrixModel):
         super().__init__(
             in_channels, num_raters, backbone=backbone, backbone_cfg=backbone_cfg, trace_weight=trace_weight,
             cm_init_diag=cm_init_diag, cm_lr=cm_lr, seg_head_kernel=seg_head_kernel,
-            diverse_from_raters=diverse_from_raters,
+            diverse_from_raters=diverse_from_raters, rater_sampling=rater_sampling,
         )
         self.cm_head = PixelCMHead(
             self.feature_channels, num_raters, cm_head_channels or self.feature_channels, cm_head_convs,

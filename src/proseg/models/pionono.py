@@ -61,6 +61,33 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tens
     return eps.to(like.device)
 
 
+def select_raters(
+    present: Tensor, mode: str, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Which (image, rater) pairs a training step uses.
+
+    Args:
+        present: ``(B, R)`` bool. mode: ``"all"`` (every present rater) or ``"one"`` (per image one present rater
+            drawn uniformly, from ``generator``, as the reference training scripts do).
+
+    Returns:
+        ``raters (B, N)`` long and ``weight (B, N)`` float (0 = absent / image without any rater); N = R for
+        ``"all"`` (``raters[b] = 0..R-1``), 1 for ``"one"``.
+    """
+    b, r = present.shape
+    if mode == "all":
+        return torch.arange(r, device=present.device).expand(b, r), present.float()
+    if mode != "one":
+        raise ValueError(f"rater_sampling must be 'all' or 'one', got {mode!r}")
+    valid = present.any(1)
+    probs = torch.where(valid[:, None], present.float(), torch.ones_like(present, dtype=torch.float))
+    if generator is None:
+        idx = torch.multinomial(probs, 1)
+    else:
+        idx = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(present.device)
+    return idx, valid.float()[:, None]
+
+
 def full_gaussian_kl_isotropic(mu: Tensor, scale_tril: Tensor, prior_std: float) -> Tensor:
     """KL( N(mu, L L^T) || N(0, prior_std^2 I) ) in closed form.
 
@@ -174,6 +201,8 @@ class Pionono(MultiRaterModel):
         mc_samples: latents per (image, rater) in training (reference 5).
         mc_reduction: ``"loss"`` (average the loss over samples) or ``"logits"`` (the reference: loss of the
             sample-averaged logits).
+        rater_sampling: ``"all"`` (every present rater of every image each step) or ``"one"`` (one present rater
+            per image, uniformly, as the reference training scripts: 1/R of the head cost).
         seg_loss: ``"gdl"`` (pooled generalized Dice, the reference), ``"gdl_per_sample"``, ``"bce"``,
             ``"gdl+bce"``.
         latent_lr: learning rate of the latent table in :meth:`param_groups` (reference 0.02); None = model lr.
@@ -186,14 +215,16 @@ class Pionono(MultiRaterModel):
         # The paper/official-code hyper-parameters on our plain U-Net backbone.
         "default": {"backbone": "unet", "latent_dim": 8, "head_layers": 3, "prior_std": 2.0,
                     "posterior_init_std": 8.0, "kl_weight": 5e-4, "reg_weight": 1e-5, "mc_samples": 5,
-                    "mc_reduction": "loss", "seg_loss": "gdl", "latent_lr": 0.02},
+                    "mc_reduction": "loss", "seg_loss": "gdl", "latent_lr": 0.02, "rater_sampling": "all"},
         # As configured in the ProSeg/D-Persona code bases (lib/initialize_model.py, initialize_optimization.py).
         "reference": {"backbone": "resnet34_unet", "latent_dim": 8, "head_layers": 3, "prior_std": 2.0,
                       "posterior_init_std": 8.0, "kl_weight": 5e-4, "reg_weight": 1e-5, "mc_samples": 5,
-                      "mc_reduction": "logits", "seg_loss": "gdl", "latent_lr": 0.02},
+                      "mc_reduction": "logits", "seg_loss": "gdl", "latent_lr": 0.02,
+                      "rater_sampling": "one"},
         "tiny": {"backbone": "unet", "backbone_cfg": {"widths": (8, 16)}, "latent_dim": 3, "head_layers": 3,
                  "prior_std": 2.0, "posterior_init_std": 1.0, "kl_weight": 5e-4, "reg_weight": 1e-5,
-                 "mc_samples": 2, "mc_reduction": "loss", "seg_loss": "gdl", "latent_lr": 0.02},
+                 "mc_samples": 2, "mc_reduction": "loss", "seg_loss": "gdl", "latent_lr": 0.02,
+                 "rater_sampling": "all"},
     }
 
     def __init__(
@@ -213,6 +244,7 @@ class Pionono(MultiRaterModel):
         mc_reduction: str = "loss",
         seg_loss: str = "gdl",
         latent_lr: float | None = 0.02,
+        rater_sampling: str = "all",
     ) -> None:
         super().__init__(in_channels, num_raters)
         if mc_samples < 1:
@@ -221,6 +253,8 @@ class Pionono(MultiRaterModel):
             raise ValueError(f"mc_reduction must be 'loss' or 'logits', got {mc_reduction!r}")
         if seg_loss not in ("gdl", "gdl_per_sample", "bce", "gdl+bce"):
             raise ValueError(f"unknown seg_loss {seg_loss!r}; use gdl, gdl_per_sample, bce or gdl+bce")
+        if rater_sampling not in ("all", "one"):
+            raise ValueError(f"rater_sampling must be 'all' or 'one', got {rater_sampling!r}")
         self.backbone = create_backbone(backbone, in_channels, **(backbone_cfg or {}))
         feat = int(self.backbone.out_channels)
         self.latent = RaterLatent(num_raters, latent_dim, prior_std, posterior_init_std)
@@ -233,6 +267,7 @@ class Pionono(MultiRaterModel):
         self.mc_reduction = mc_reduction
         self.seg_loss = seg_loss
         self.latent_lr = latent_lr
+        self.rater_sampling = rater_sampling
 
     # --- pieces ---------------------------------------------------------------------------------------
     def kl_per_rater(self) -> Tensor:
@@ -242,37 +277,39 @@ class Pionono(MultiRaterModel):
     def head_l2(self) -> Tensor:
         return torch.stack([p.norm(2) for p in self.head.regularised_parameters()]).sum()
 
-    def _rater_logits(
-        self, features: Tensor, num_samples: int, generator: torch.Generator | None, share_latent: bool
-    ) -> Tensor:
-        """``(B, R, K, H, W)`` logits with ``z ~ q(z|r)``; one latent per (image, rater, sample), or per
-        (rater, sample) shared over the batch when ``share_latent``."""
-        b, r, k, d = features.shape[0], self.num_raters, num_samples, self.latent_dim
-        eps = _randn((1 if share_latent else b, r, k, d), generator, self.latent.mu)
-        raters = torch.arange(r, device=features.device)[None, :, None]
-        z = self.latent.sample(raters, eps).expand(b, r, k, d)
-        return self.head(features, z.reshape(b, r * k, d)).view(b, r, k, *features.shape[-2:])
+    def _logits_for(self, features: Tensor, raters: Tensor, eps: Tensor) -> Tensor:
+        """Logits ``(B, N, K, H, W)`` for latents ``mu_r + L_r eps``: raters ``(B or 1, N)``, eps
+        ``(B or 1, N, K, D)`` (a leading 1 shares the latent across the batch)."""
+        b = features.shape[0]
+        n, k, d = eps.shape[1:]
+        z = self.latent.sample(raters[:, :, None].expand(-1, -1, k), eps).expand(b, n, k, d)
+        return self.head(features, z.reshape(b, n * k, d)).view(b, n, k, *features.shape[-2:])
 
     # --- API ------------------------------------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """``{"loss", "seg", "kl", "reg"}``; ``seg`` over every present (image, rater) pair and MC sample, ``kl``
-        the mean KL over the present pairs, ``reg`` the head's L2 term (unweighted)."""
+        """``{"loss", "seg", "kl", "reg"}``: ``seg`` over the used (image, rater) pairs (``rater_sampling``) and
+        MC samples, ``kl`` the mean KL of the used pairs' raters, ``reg`` the head's L2 term (unweighted).
+        Randomness (latents, the ``"one"`` rater choice) from ``generator``, else the global RNG."""
         image, masks, present = self._check_batch(batch)
-        b, r = masks.shape[:2]
+        raters, weight = select_raters(present, self.rater_sampling, generator)  # (B, N)
+        b, n = raters.shape
+        s = self.mc_samples
         features = self.backbone(image)
-        logits = self._rater_logits(features, self.mc_samples, generator, share_latent=False)  # (B,R,S,H,W)
-        weight = present.to(logits.dtype)
+        eps = _randn((b, n, s, self.latent_dim), generator, self.latent.mu)
+        logits = self._logits_for(features, raters, eps)  # (B, N, S, H, W)
+        target = masks.gather(1, raters[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))  # (B, N, H, W)
+        weight = weight.to(logits.dtype)
         if self.mc_reduction == "loss":
-            s = self.mc_samples
             seg = segmentation_loss(
                 self.seg_loss,
                 logits.flatten(0, 2),
-                masks.unsqueeze(2).expand(-1, -1, s, -1, -1).flatten(0, 2),
+                target.unsqueeze(2).expand(-1, -1, s, -1, -1).flatten(0, 2),
                 weight.unsqueeze(2).expand(-1, -1, s).flatten(),
             )
         else:
-            seg = segmentation_loss(self.seg_loss, logits.mean(2).flatten(0, 1), masks.flatten(0, 1), weight.flatten())
-        kl = (self.kl_per_rater().to(weight.dtype) * weight).sum() / weight.sum().clamp(min=1.0)
+            seg = segmentation_loss(self.seg_loss, logits.mean(2).flatten(0, 1), target.flatten(0, 1), weight.flatten())
+        kl_pairs = self.kl_per_rater().to(weight.dtype)[raters]
+        kl = (kl_pairs * weight).sum() / weight.sum().clamp(min=1.0)
         reg = self.head_l2()
         total = seg + self.kl_weight * kl + self.reg_weight * reg
         return {"loss": total, "seg": seg.detach(), "kl": kl.detach(), "reg": reg.detach()}
@@ -288,7 +325,10 @@ class Pionono(MultiRaterModel):
         self._check_images(images)
         _check_k(num_samples)
         features = self.backbone(images)
-        return torch.sigmoid(self._rater_logits(features, num_samples, generator, share_latent))
+        n = 1 if share_latent else features.shape[0]
+        raters = torch.arange(self.num_raters, device=features.device).expand(n, -1)
+        eps = _randn((n, self.num_raters, num_samples, self.latent_dim), generator, self.latent.mu)
+        return torch.sigmoid(self._logits_for(features, raters, eps))
 
     def sample_diverse(
         self,
@@ -309,9 +349,8 @@ class Pionono(MultiRaterModel):
         else:
             raters = torch.randint(self.num_raters, (n, k), generator=generator, device=generator.device)
             raters = raters.to(features.device)
-        eps = _randn((n, k, d), generator, self.latent.mu)
-        z = self.latent.sample(raters, eps).expand(b, k, d)
-        return torch.sigmoid(self.head(features, z))
+        eps = _randn((n, k, 1, d), generator, self.latent.mu)  # one "sample" per (image, draw)
+        return torch.sigmoid(self._logits_for(features, raters, eps)).view(b, k, *features.shape[-2:])
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Two groups: the network at ``lr``/``weight_decay``; the latent table at ``latent_lr`` without decay."""
