@@ -172,6 +172,17 @@ class Likelihood(nn.Module):
         return [F.interpolate(self.out[i](post_c[i]), size=size, mode="nearest")[:, 0] for i in range(n)]
 
 
+# phiseg_7_5: 7 resolution levels (n0 = 32: 32, 64, 128, 192, 192, 192, 192), 5 latent levels, zdim 2, BatchNorm,
+# 3 convs a level, exponential KL weighting, residual multinoulli loss, one random rater per image.
+_PHISEG_7_5: dict[str, Any] = {
+    "backbone_cfg": {"widths": (32, 64, 128, 192, 192, 192, 192), "norm": True},
+    "latent_levels": 5,
+    "zdim": 2,
+    "convs_per_level": 3,
+    "ups_width": 64,
+}
+
+
 @register_model("phiseg")
 class PHiSeg(MultiRaterModel):
     """PHiSeg. See the module docstring for the model, the loss and the sampling.
@@ -195,15 +206,8 @@ class PHiSeg(MultiRaterModel):
     supports_diverse = True
 
     PRESETS: dict[str, dict[str, Any]] = {
-        # phiseg_7_5: 7 resolution levels (n0 = 32: 32, 64, 128, 192, 192, 192, 192), 5 latent levels, zdim 2,
-        # BatchNorm, 3 convs a level, exponential KL weighting, residual multinoulli loss, one random rater.
-        "default": {
-            "backbone_cfg": {"widths": (32, 64, 128, 192, 192, 192, 192), "norm": True},
-            "latent_levels": 5,
-            "zdim": 2,
-            "convs_per_level": 3,
-            "ups_width": 64,
-        },
+        "default": _PHISEG_7_5,
+        "reference": dict(_PHISEG_7_5),  # the official code's configuration is the paper's
         "tiny": {
             "backbone_cfg": {"widths": (8, 16), "norm": True},
             "latent_levels": 2,
