@@ -199,3 +199,19 @@ def test_splits_properties() -> None:
         assert len(va) == round(0.2 * (len(tr) + len(va)))
         assert 5 <= len(te) <= 6
     assert all(len(f["val"]) == 0 for f in make_splits(pids, 2, 0.0, 0)["folds"])
+
+
+def test_failure_while_writing_removes_the_temporary_folder(tmp_path: Path, monkeypatch) -> None:
+    import proseg.data.prepare as prep
+
+    src = make_lidc_kaggle(tmp_path / "src", nodules=1, slices=1)
+    (tmp_path / "o").mkdir()
+
+    def boom(path):
+        assert ".tmp-" in str(path)  # writing happens in the temporary sibling
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prep, "sha256_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        prepare("lidc-kaggle", src, tmp_path / "o" / "ds", num_folds=2)
+    assert list((tmp_path / "o").iterdir()) == []
