@@ -70,7 +70,7 @@ def run(dpersona: Path, phiseg: Path) -> dict:
             "(dice_each_is_test: is_test=True); dice_soft = dice_at_thresh(L, P); "
             "L = labels (1,N,*S) float32, P = preds (1,M,*S) float32. PHiSeg: "
             "generalised_energy_distance(preds>0.5, labels, nlabels=1, label_range=range(1,2)), "
-            "variance_ncc_dist(stack(1-p, p), one_hot(labels)); 3D arrays reshaped to (K, D*H, W)",
+            "variance_ncc_dist(stack(1-p, p), one_hot(labels)) in float32; 3D arrays reshaped to (K, D*H, W)",
             "versions": {"numpy": np.__version__, "torch": torch.__version__, "scipy": scipy.__version__},
         },
         "cases": {},
@@ -98,12 +98,13 @@ def run(dpersona: Path, phiseg: Path) -> dict:
         except IndexError as err:  # the published code indexes col_ind[i] for every label: crashes when N > M
             rec["dice_at_all_error"] = f"IndexError: {err}"
         lab2 = labels.reshape(labels.shape[0], -1, labels.shape[-1])
-        prd2 = preds.astype(np.float64).reshape(preds.shape[0], -1, preds.shape[-1])
+        prd2 = preds.reshape(preds.shape[0], -1, preds.shape[-1])  # float32, like PHiSeg's softmax outputs
         rec["phiseg_ged"] = float(
             ph["generalised_energy_distance"]((prd2 > 0.5).astype(np.int64), lab2, nlabels=1, label_range=range(1, 2))
         )
         with np.errstate(all="ignore"):
-            ncc = ph["variance_ncc_dist"](np.stack([1 - prd2, prd2], -1), np.stack([1 - lab2, lab2], -1).astype(float))
+            one_hot = np.stack([1 - lab2, lab2], -1).astype(np.float32)
+            ncc = ph["variance_ncc_dist"](np.stack([1 - prd2, prd2], -1), one_hot)
         rec["phiseg_s_ncc"] = float(np.asarray(ncc).reshape(-1)[0])
         out["cases"][spec.name] = rec
     return out

@@ -13,17 +13,20 @@ from hypothesis.extra.numpy import arrays
 
 from proseg.metrics import batch_case_metrics, case_metrics, generalized_energy_distance
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
-def mask_sets(draw: st.DrawFn, max_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def mask_sets(draw: st.DrawFn, max_k: int = 5, dyadic: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Labels (N, *S) bool and soft predictions (M, *S), 2D or 3D, small."""
     spatial = draw(st.sampled_from([(4, 4), (3, 5), (2, 3, 3)]))
     n = draw(st.integers(1, max_k))
     k = draw(st.integers(1, max_k))
     labels = draw(arrays(np.bool_, (n, *spatial)))
-    preds = draw(arrays(np.float32, (k, *spatial), elements=st.floats(0.0, 1.0, width=32)))
+    if dyadic:  # multiples of 1/8: every sum is exact in float32, whatever the sample order
+        preds = draw(arrays(np.float32, (k, *spatial), elements=st.sampled_from([i / 8 for i in range(9)])))
+    else:
+        preds = draw(arrays(np.float32, (k, *spatial), elements=st.floats(0.0, 1.0, width=32)))
     return labels, preds
 
 
@@ -71,7 +74,7 @@ def test_ged_symmetric_for_binary_sets(data: tuple[np.ndarray, np.ndarray], conv
 
 
 @SETTINGS
-@given(mask_sets(), st.randoms(use_true_random=False), st.sampled_from(["standard", "reference"]))
+@given(mask_sets(dyadic=True), st.randoms(use_true_random=False), st.sampled_from(["standard", "reference"]))
 def test_permutation_invariance(data: tuple[np.ndarray, np.ndarray], rnd, convention: str) -> None:  # noqa: ANN001
     labels, preds = data
     pl = list(range(len(labels)))
@@ -80,14 +83,12 @@ def test_permutation_invariance(data: tuple[np.ndarray, np.ndarray], rnd, conven
     rnd.shuffle(pp)
     a = case_metrics(labels, preds, convention=convention)
     b = case_metrics(labels[pl], preds[pp], convention=convention)
-    keys = ["ged", "ged_cross", "ged_labels", "ged_preds", "dice_max", "dice_max_reverse", "dice_match", "ci_score"]
-    keys.append("s_ncc")
-    if convention == "standard":
-        # The reference convention averages the soft predictions in float32 like the published code; the sample
-        # order can then move the mean by one ulp across a threshold. The standard one averages in float64.
-        keys.append("dice_soft")
+    keys = ["ged", "ged_cross", "ged_labels", "ged_preds", "dice_soft", "dice_max", "dice_max_reverse"]
+    keys += ["dice_match", "ci_score", "s_ncc"]
     for key in keys:
-        assert b[key] == pytest.approx(a[key], abs=1e-9, nan_ok=True), key
+        # S_NCC takes its M x P logarithms in float32: the sample order moves it by ~1e-8
+        tol = 1e-6 if key == "s_ncc" else 1e-9
+        assert b[key] == pytest.approx(a[key], abs=tol, nan_ok=True), key
     # Hungarian ties may pick other pairs with other per-rater values, but never another total.
     tot_a = math.fsum(v for v in a["dice_per_rater_matched"] if not math.isnan(v))
     tot_b = math.fsum(v for v in b["dice_per_rater_matched"] if not math.isnan(v))

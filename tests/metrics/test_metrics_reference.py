@@ -68,7 +68,9 @@ def test_reference_convention_matches_published_code(scored: dict, name: str) ->
 def test_standard_v_ged_and_s_ncc_match_phiseg(scored: dict, name: str) -> None:
     ref, _, std = scored[name]
     assert std["ged"] == pytest.approx(ref["phiseg_ged"], abs=1e-9)
-    assert std["s_ncc"] == pytest.approx(ref["phiseg_s_ncc"], abs=1e-9)
+    # PHiSeg computes the cross-entropies of its float32 samples in float32, we take the logs in float32 and
+    # the rest in float64: agreement to float32 precision.
+    assert std["s_ncc"] == pytest.approx(ref["phiseg_s_ncc"], abs=1e-6)
 
 
 def test_conventions_differ_exactly_where_empty_masks_are() -> None:

@@ -126,11 +126,11 @@ def dice_soft_from_flat(
     """
     check_convention(convention)
     ts = check_thresholds(thresholds)
-    # Label means of 0/1 values are exact in float32 (so 2/4 > 0.5 resolves as in the published code). The
-    # reference convention also takes the prediction mean in the input's precision, as the published
-    # preds.mean(1) does; the standard one in float64, where the result hardly depends on the sample order.
+    # Means as the published code takes them (labels.mean(1).float(), preds.mean(1)): label means of 0/1 values
+    # are exact in float32, so ties such as 2/4 > 0.5 resolve identically; the prediction mean is taken in
+    # the predictions' own precision (a float64 copy of M x P samples would cost more than everything else).
     label_mean = labels.to(torch.float32).mean(-2)
-    pred_mean = preds_soft.mean(-2) if convention == "reference" else preds_soft.to(torch.float64).mean(-2)
+    pred_mean = preds_soft.mean(-2)
     t_label = torch.tensor(ts, dtype=label_mean.dtype, device=labels.device)
     t_pred = torch.tensor(ts, dtype=pred_mean.dtype, device=labels.device)
     lab_t = label_mean.unsqueeze(-2) > t_label.unsqueeze(-1)  # (..., T, P)

@@ -48,9 +48,10 @@ def _check_values(labels: torch.Tensor, preds: torch.Tensor) -> None:
     if preds.dtype != torch.bool:
         if preds.is_complex():
             raise ValueError("preds: complex values are not supported")
-        if bool(torch.isnan(preds).any()) if preds.is_floating_point() else False:
+        lo_t, hi_t = torch.aminmax(preds)  # one pass; NaN propagates into both
+        lo, hi = float(lo_t), float(hi_t)
+        if lo != lo or hi != hi:
             raise ValueError("preds contain NaN")
-        lo, hi = float(preds.min()), float(preds.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"preds must be probabilities in [0, 1] or binary; found values in [{lo:g}, {hi:g}] "

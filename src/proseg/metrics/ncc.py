@@ -13,7 +13,7 @@ There, ``sample_arr`` holds the ``M`` sampled *softmax* maps and ``gt_arr`` the 
 For binary segmentation the two-class softmax of a foreground probability ``p`` is ``(1 − p, p)``, so with
 ``L1 = mean_j log(p_j + eps)`` and ``L0 = mean_j log(1 − p_j + eps)``:
 ``E_ss = −[(1 − p̄)·L0 + p̄·L1]`` and ``E_sy[i] = −[(1 − y_i)·L0 + y_i·L1]``, which is what is computed
-here, in float64, without materialising the ``N × M × P`` array of the original. 3D volumes are flattened
+here without materialising the ``N × M × P`` array of the original. 3D volumes are flattened
 (the correlation does not depend on the pixel order, so for 2D this is the original computation).
 
 Higher is better. When either map is constant over the image (e.g. all samples binary and identical, so
@@ -32,12 +32,15 @@ PHISEG_EPS = 1e-8
 
 
 def s_ncc_from_flat(labels: torch.Tensor, preds_soft: torch.Tensor) -> torch.Tensor:
-    """S_NCC from flattened labels ``(..., N, P)`` (0/1) and soft predictions ``(..., M, P)`` -> ``(...)`` float64."""
-    p = preds_soft.to(torch.float64)
+    """S_NCC from flattened labels ``(..., N, P)`` (0/1) and soft predictions ``(..., M, P)`` -> ``(...)`` float64.
+
+    The ``M × P`` logarithms are taken in the predictions' precision (float32 for float32 samples, as PHiSeg
+    does with its float32 softmax outputs); everything of size ``P`` after the mean over samples is float64.
+    """
+    log1 = torch.log(preds_soft + PHISEG_EPS).mean(-2).to(torch.float64)  # (..., P)
+    log0 = torch.log((1.0 - preds_soft) + PHISEG_EPS).mean(-2).to(torch.float64)
+    p_bar = preds_soft.mean(-2).to(torch.float64)
     y = labels.to(torch.float64)
-    log1 = torch.log(p + PHISEG_EPS).mean(-2)  # (..., P)
-    log0 = torch.log(1.0 - p + PHISEG_EPS).mean(-2)
-    p_bar = p.mean(-2)
     e_ss = -((1.0 - p_bar) * log0 + p_bar * log1)  # (..., P)
     e_sy = -((1.0 - y) * log0.unsqueeze(-2) + y * log1.unsqueeze(-2))  # (..., N, P)
     a = e_ss - e_ss.mean(-1, keepdim=True)
