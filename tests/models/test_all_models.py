@@ -1,0 +1,138 @@
+"""Shared base tester: every registered model (``list_models()``) with its ``tiny`` preset, on CPU, tiny inputs.
+
+The pattern of segmentation_models_pytorch ``tests/models/base.py``: the same checks for every architecture.
+Which sampling calls a model supports is read from the *instance* flags ``supports_personalized`` /
+``supports_diverse`` (a model may decide per instance, e.g. D-Persona by stage); an unsupported call must raise
+``NotSupportedError``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proseg.models import MultiRaterModel, NotSupportedError, create_model, list_models, load_model, save_model
+
+MODELS = list_models()
+H = W = 16
+B = 2
+
+
+def make_model(name: str, in_channels: int = 1, num_raters: int = 3, seed: int = 0) -> MultiRaterModel:
+    torch.manual_seed(seed)
+    model = create_model(name, in_channels=in_channels, num_raters=num_raters, preset="tiny")
+    assert isinstance(model, MultiRaterModel)
+    return model
+
+
+def make_batch(in_channels: int, num_raters: int, seed: int = 0, present: torch.Tensor | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(B, in_channels, H, W, generator=g)
+    # blob-like masks so that every rater has some foreground and some background
+    masks = (torch.rand(B, num_raters, H, W, generator=g) > 0.5).float()
+    masks[..., 4:10, 4:10] = 1.0
+    masks[..., :2, :] = 0.0
+    if present is None:
+        present = torch.ones(B, num_raters, dtype=torch.bool)
+    return {"image": image, "masks": masks, "rater_present": present}
+
+
+def test_registry_has_the_issue_models() -> None:
+    assert "proseg" in MODELS
+    for name in MODELS:
+        cls = type(make_model(name))
+        assert {"default", "tiny"} <= set(cls.PRESETS), f"{name}: presets {sorted(cls.PRESETS)}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("num_raters,in_channels", [(1, 1), (2, 3), (4, 1), (7, 3), (1, 3), (2, 1), (4, 3), (7, 1)])
+def test_forward_backward_every_parameter_gets_a_gradient(name: str, num_raters: int, in_channels: int) -> None:
+    model = make_model(name, in_channels, num_raters)
+    model.train()
+    out = model.loss(make_batch(in_channels, num_raters))
+    assert "loss" in out and out["loss"].ndim == 0
+    for key, value in out.items():
+        assert torch.is_tensor(value) and value.numel() == 1, f"{name}: term {key!r} is not a scalar tensor"
+        assert torch.isfinite(value).all(), f"{name}: term {key!r} = {value}"
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"{name}: parameters without gradient: {no_grad[:8]}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"{name}: non-finite gradients: {bad[:8]}"
+
+
+def _call(model: MultiRaterModel, which: str, images: torch.Tensor, k: int, seed: int, share: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    fn = model.sample_personalized if which == "personalized" else model.sample_diverse
+    with torch.no_grad():
+        return fn(images, num_samples=k, generator=g, share_latent=share)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("which", ["personalized", "diverse"])
+def test_sampling_shapes_ranges_and_determinism(name: str, which: str) -> None:
+    R, C, K = 3, 1, 4
+    model = make_model(name, C, R).eval()
+    images = make_batch(C, R)["image"]
+    supported = bool(getattr(model, f"supports_{which}"))
+    if not supported:
+        with pytest.raises(NotSupportedError):
+            _call(model, which, images, K, 0)
+        return
+    out = _call(model, which, images, K, 0)
+    expected = (B, R, K, H, W) if which == "personalized" else (B, K, H, W)
+    assert tuple(out.shape) == expected
+    assert out.dtype == images.dtype and out.device == images.device
+    assert torch.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+    again = _call(model, which, images, K, 0)
+    assert torch.equal(out, again), f"{name}: {which} samples differ under equally seeded generators"
+    shared = _call(model, which, images, K, 1, share=True)
+    assert tuple(shared.shape) == expected
+    assert torch.equal(shared, _call(model, which, images, K, 1, share=True))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rater_present_masking(name: str) -> None:
+    R, C = 3, 1
+    model = make_model(name, C, R).train()
+    present = torch.tensor([[True, False, True], [True, True, True]])
+    batch = make_batch(C, R, present=present)
+
+    def loss_of(b: dict) -> torch.Tensor:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model.loss(b)["loss"]
+
+    base = loss_of(batch)
+    flipped = {**batch, "masks": batch["masks"].clone()}
+    flipped["masks"][0, 1] = 1.0 - flipped["masks"][0, 1]  # the absent rater's mask must not matter
+    torch.testing.assert_close(loss_of(flipped), base, rtol=1e-6, atol=1e-6)
+    fewer = {**batch, "rater_present": present.clone()}
+    fewer["rater_present"][1, 2] = False  # a present rater becomes absent: the loss must change
+    assert not torch.allclose(loss_of(fewer), base, rtol=1e-6, atol=1e-6), f"{name}: absent rater ignored"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_save_load_round_trip(name: str, tmp_path) -> None:
+    R, C = 2, 3
+    model = make_model(name, C, R)
+    # one optimisation step so that batch-norm statistics and weights differ from a fresh model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model.loss(make_batch(C, R))["loss"].backward()
+    opt.step()
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert type(loaded) is type(model)
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), f"{name}: {k} differs after load"
+    model.eval()
+    loaded.eval()
+    images = make_batch(C, R, seed=5)["image"]
+    compared = 0
+    for which in ("personalized", "diverse"):
+        if getattr(model, f"supports_{which}"):
+            assert torch.equal(_call(model, which, images, 2, 7), _call(loaded, which, images, 2, 7))
+            compared += 1
+    assert compared > 0, f"{name} supports neither sampling call"

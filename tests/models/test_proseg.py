@@ -1,0 +1,271 @@
+"""ProSeg maths and options: Dirichlet sampling/KL, Gaussian KL, classifier CE on logits, presets, sampling modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proseg.losses import dirichlet_kl
+from proseg.models import create_model
+from proseg.models.proseg import ProSeg, RaterConvStack, SegHead, sample_dirichlet, sample_gamma
+
+H = W = 16
+
+
+def tiny(num_raters: int = 3, in_channels: int = 1, **kw) -> ProSeg:
+    torch.manual_seed(0)
+    model = create_model("proseg", in_channels=in_channels, num_raters=num_raters, preset="tiny", **kw)
+    assert isinstance(model, ProSeg)
+    return model
+
+
+def batch(num_raters: int = 3, in_channels: int = 1, b: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    masks = (torch.rand(b, num_raters, H, W, generator=g) > 0.5).float()
+    return {"image": torch.randn(b, in_channels, H, W, generator=g), "masks": masks,
+            "rater_present": torch.ones(b, num_raters, dtype=torch.bool)}
+
+
+# --- Dirichlet / Gamma sampling ---------------------------------------------------------------------------------
+def test_dirichlet_sampling_uses_only_the_generator_and_is_deterministic() -> None:
+    alpha = torch.tensor([[0.3, 1.0, 2.5], [5.0, 0.7, 1.3]])
+    state = torch.get_rng_state()
+    a = sample_dirichlet(alpha, torch.Generator().manual_seed(3))
+    b = sample_dirichlet(alpha, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was consumed"
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sample_dirichlet(alpha, torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(a.sum(-1), torch.ones(2))
+    assert (a > 0).all()
+
+
+def test_dirichlet_moments_and_pathwise_gradient_match_the_analytic_values() -> None:
+    alpha = torch.tensor([0.5, 1.3, 3.0], dtype=torch.float64, requires_grad=True)
+    n = 40000
+    tau = sample_dirichlet(alpha.expand(n, 3), torch.Generator().manual_seed(0))
+    a0 = alpha.detach().sum()
+    mean = alpha.detach() / a0
+    var = mean * (1 - mean) / (a0 + 1)
+    torch.testing.assert_close(tau.detach().mean(0), mean, atol=float(4 * (var / n).sqrt().max()), rtol=0)
+    torch.testing.assert_close(tau.detach().var(0), var, rtol=0.05, atol=0)
+    # d E[tau_0] / d alpha_j = (delta_0j - mean_0) / a0
+    tau[:, 0].mean().backward()
+    expected = (torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) - mean[0]) / a0
+    torch.testing.assert_close(alpha.grad, expected, atol=0.01, rtol=0)
+
+
+def test_gamma_sampling_mean_and_gradient_for_small_and_large_shape() -> None:
+    for a_val in (0.2, 4.0):
+        alpha = torch.full((30000,), a_val, dtype=torch.float64, requires_grad=True)
+        g = sample_gamma(alpha, torch.Generator().manual_seed(1))
+        assert abs(float(g.detach().mean()) - a_val) < 4 * math.sqrt(a_val / 30000)
+        g.sum().backward()  # d E[g] / d alpha = 1 for Gamma(alpha, 1)
+        assert abs(float(alpha.grad.sum()) / 30000 - 1.0) < 0.03
+
+
+def test_dirichlet_kl_matches_monte_carlo() -> None:
+    alpha_q = torch.tensor([1.313, 0.744, 0.744, 2.0], dtype=torch.float64)
+    alpha_p = 1.0
+    n = 200000
+    tau = sample_dirichlet(alpha_q.expand(n, 4), torch.Generator().manual_seed(2))
+    q = torch.distributions.Dirichlet(alpha_q)
+    p = torch.distributions.Dirichlet(torch.full((4,), alpha_p, dtype=torch.float64))
+    log_ratio = q.log_prob(tau) - p.log_prob(tau)
+    mc, se = float(log_ratio.mean()), float(log_ratio.std() / math.sqrt(n))
+    exact = float(dirichlet_kl(alpha_q, alpha_p))
+    assert abs(mc - exact) < 4 * se + 1e-3, (mc, exact, se)
+
+
+# --- Gaussian KL, prior variance -------------------------------------------------------------------------------
+def _force_stats(model: ProSeg, mu: float, logvar: float) -> None:
+    """Make every rater's statistic head output constant (mu, logvar) maps."""
+    last_w, last_b = model.stat_heads.weights[-1], model.stat_heads.biases[-1]
+    zc = model.z_channels
+    with torch.no_grad():
+        last_w.zero_()
+        last_b[:, :zc] = mu
+        last_b[:, zc:] = logvar
+
+
+@pytest.mark.parametrize("prior_variance", [1.0, math.e, 0.25])
+def test_gaussian_kl_term_is_the_closed_form(prior_variance: float) -> None:
+    model = tiny(prior_variance=prior_variance)
+    _force_stats(model, mu=0.7, logvar=-0.4)
+    out = model.loss(batch())
+    s2 = prior_variance
+    expected = 0.5 * (math.log(s2) + 0.4 + (math.exp(-0.4) + 0.7**2) / s2 - 1.0)
+    assert abs(float(out["kl_z"].detach()) - expected) < 1e-5
+
+
+def test_reference_prior_variance_is_e_golden_value() -> None:
+    # The reference stores 1.0 as the prior's log-variance: KL(N(0,1) || N(0, e)) = 0.5 (1 + 1/e - 1) = 0.5/e
+    model = tiny(prior_variance=ProSeg.PRESETS["reference"]["prior_variance"])
+    _force_stats(model, mu=0.0, logvar=0.0)
+    assert abs(float(model.loss(batch())["kl_z"].detach()) - 0.5 / math.e) < 1e-6
+
+
+def test_kl_tau_is_the_closed_form_of_each_rater() -> None:
+    model = tiny(num_raters=2, alpha0=2.0)
+    out = model.loss(batch(num_raters=2))
+    conc = model.tau.concentration().detach()
+    expected = dirichlet_kl(conc, 2.0).mean()  # every rater present in both images ("all")
+    torch.testing.assert_close(out["kl_tau"].detach(), expected)
+
+
+def test_concentration_init_matches_the_reference() -> None:
+    model = create_model("proseg", in_channels=1, num_raters=4, preset="tiny", tau_dim=8)
+    raw = model.tau.raw_concentration.detach()
+    expected = torch.full((4, 8), 0.1)
+    for r in range(4):
+        expected[r, r] = expected[r, r + 4] = 1.0
+    torch.testing.assert_close(raw, expected)
+
+
+# --- classifier ---------------------------------------------------------------------------------------------------
+def test_classifier_cross_entropy_is_on_logits() -> None:
+    model = tiny(num_raters=2, rater_sampling="one")
+    last = model.tau.classifier[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([20.0, -20.0]))  # certain of rater 0
+    b = batch(num_raters=2)
+    b["rater_present"] = torch.tensor([[True, False], [True, False]])  # only rater 0 is ever the target
+    ce = float(model.loss(b)["ce"].detach())
+    assert ce < 1e-6  # a softmax applied twice would give log(1 + e^-1) = 0.313
+    b["rater_present"] = torch.tensor([[False, True], [False, True]])
+    assert abs(float(model.loss(b)["ce"].detach()) - 40.0) < 1e-3  # CE of logit gap 40
+
+
+# --- architecture ---------------------------------------------------------------------------------------------------
+def test_reference_preset_parameter_count() -> None:
+    model = create_model("proseg", in_channels=1, num_raters=4, preset="reference")
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 48.96e6) / 48.96e6 < 0.01
+    assert n == 48_964_102  # 2 x smp Unet-resnet34 (C=1 and C=8, no seg head) + heads + tau module
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("recon_decoder", ["light", "backbone"])
+def test_reconstruction_has_the_image_channel_count(in_channels: int, recon_decoder: str) -> None:
+    model = tiny(in_channels=in_channels, recon_decoder=recon_decoder)
+    x_hat = model.reconstruct(torch.randn(2, in_channels, H, W), torch.Generator().manual_seed(0))
+    assert tuple(x_hat.shape) == (2, 3, in_channels, H, W)
+    assert torch.isfinite(model.loss(batch(in_channels=in_channels))["recon"])
+
+
+def test_rater_conv_stack_gathered_path_equals_batched_path() -> None:
+    torch.manual_seed(0)
+    for shared in (True, False):
+        stack = RaterConvStack(3, (4, 5, 6), shared_input=shared)
+        x = torch.randn(2, 4, 8, 8) if shared else torch.randn(2, 3, 4, 8, 8)
+        full = stack(x, None)
+        gathered = stack(x, torch.arange(3).expand(2, 3))
+        torch.testing.assert_close(gathered, full, rtol=1e-5, atol=1e-5)
+        # one rater per image picks the matching slice of the batched output
+        if shared:
+            pick = torch.tensor([[2], [0]])
+            torch.testing.assert_close(stack(x, pick)[:, 0], full[torch.arange(2), pick[:, 0]], rtol=1e-5, atol=1e-5)
+
+
+def test_seg_head_folded_bias_equals_tiled_concatenation() -> None:
+    torch.manual_seed(0)
+    head = SegHead(z_channels=4, tau_dim=3, hidden=5, num_layers=3)
+    z = torch.randn(2, 3, 6, 7, 4)  # (B, K, H, W, Zc)
+    tau = torch.rand(2, 3, 3)
+    tiled = tau[:, :, None, None, :].expand(2, 3, 6, 7, 3)
+    h = torch.cat([z, tiled], -1)
+    for layer in head.layers:
+        h = F.relu(layer(h))
+    expected = head.last(h).squeeze(-1)
+    torch.testing.assert_close(head(z, tau), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_rater_sampling_gives_every_parameter_a_gradient_and_skips_empty_images() -> None:
+    model = tiny(rater_sampling="one")
+    b = batch()
+    b["rater_present"] = torch.tensor([[False, False, False], [False, True, False]])
+    out = model.loss(b)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert torch.isfinite(out["loss"])
+    b["rater_present"][:] = False
+    torch.testing.assert_close(model.loss(b)["seg"].detach(), torch.tensor(0.0))
+
+
+def test_param_groups_put_the_tau_module_on_its_own_learning_rate() -> None:
+    model = tiny()
+    groups = model.param_groups(5e-5, weight_decay=1e-4)
+    assert [g["lr"] for g in groups] == [5e-5, 2e-3]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert id(model.tau.raw_concentration) in {id(p) for p in groups[1]["params"]}
+
+
+def test_bad_options_raise() -> None:
+    for kw in ({"rater_sampling": "some"}, {"diverse_mode": "x"}, {"recon_decoder": "big"}, {"seg_loss": "dice9"},
+               {"prior_variance": 0.0}, {"alpha0": -1.0}):
+        with pytest.raises(ValueError):
+            tiny(**kw)
+
+
+# --- sampling modes ----------------------------------------------------------------------------------------------
+def _rater_coded(model: ProSeg) -> ProSeg:
+    """Z = rater-specific constant (no noise), head ignores tau: the output identifies the rater used."""
+    zc, R = model.z_channels, model.num_raters
+    with torch.no_grad():
+        model.stat_heads.weights[-1].zero_()
+        model.stat_heads.biases[-1][:, :zc] = torch.linspace(-2, 2, R)[:, None]
+        model.stat_heads.biases[-1][:, zc:] = -40.0
+        model.head.layers[0].weight[:, zc:] = 0.0
+    return model.eval()
+
+
+def test_diverse_per_rater_splits_samples_evenly_over_raters() -> None:
+    model = _rater_coded(tiny(num_raters=3, diverse_mode="per_rater"))
+    x = torch.randn(2, 1, H, W)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        per = model.sample_personalized(x, 1, g)[:, :, 0]  # (B, R, H, W)
+        div = model.sample_diverse(x, 7, g)  # raters 0,0,0,1,1,2,2
+    for k, r in enumerate([0, 0, 0, 1, 1, 2, 2]):
+        torch.testing.assert_close(div[:, k], per[:, r])
+
+
+@pytest.mark.parametrize("diverse_rater", ["argmax", "sample"])
+def test_diverse_prior_classifier_uses_the_classifier_rater(diverse_rater: str) -> None:
+    model = _rater_coded(tiny(num_raters=3, diverse_mode="prior_classifier", diverse_rater=diverse_rater))
+    with torch.no_grad():
+        model.tau.classifier[-1].weight.zero_()
+        model.tau.classifier[-1].bias.copy_(torch.tensor([-30.0, -30.0, 30.0]))  # p(r=2 | tau) = 1
+    x = torch.randn(2, 1, H, W)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        per = model.sample_personalized(x, 1, g)[:, 2, 0]
+        div = model.sample_diverse(x, 5, g)
+    torch.testing.assert_close(div, per[:, None].expand_as(div))
+
+
+def test_share_latent_shares_tau_across_the_batch() -> None:
+    model = tiny(num_raters=2)
+    with torch.no_grad():
+        model.stat_heads.biases[-1][:, model.z_channels:] = -40.0  # Z deterministic: only tau varies
+        model.stat_heads.weights[-1][:, model.z_channels:] = 0.0
+    model.eval()
+    x = torch.randn(1, 1, H, W).expand(3, 1, H, W).contiguous()  # three identical slices
+    for fn in (model.sample_personalized, model.sample_diverse):
+        with torch.no_grad():
+            shared = fn(x, 4, torch.Generator().manual_seed(0), share_latent=True)
+            own = fn(x, 4, torch.Generator().manual_seed(0), share_latent=False)
+        torch.testing.assert_close(shared[0], shared[2], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(own[0], own[2], rtol=1e-5, atol=1e-6)
+
+
+def test_personalized_samples_differ_between_raters_and_draws() -> None:
+    model = tiny(num_raters=3).eval()
+    with torch.no_grad():
+        out = model.sample_personalized(torch.randn(1, 1, H, W), 2, torch.Generator().manual_seed(0))
+    assert not torch.allclose(out[0, 0, 0], out[0, 0, 1])
+    assert not torch.allclose(out[0, 0, 0], out[0, 1, 0])
