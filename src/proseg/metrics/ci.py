@@ -55,7 +55,7 @@ def pairwise_difference_variance(masks: torch.Tensor, inter: torch.Tensor | None
     if inter is None:
         inter = pairwise_intersections(masks, masks)
     p = masks.shape[-1]
-    size = masks.sum(-1, dtype=torch.float64)
+    size = torch.diagonal(inter, dim1=-2, dim2=-1)  # |m_i ∩ m_i| = |m_i|
     s_i = size.unsqueeze(-1)
     s_j = size.unsqueeze(-2)
     return (s_i + s_j - 2.0 * inter) / p - ((s_i - s_j) / p) ** 2
@@ -92,8 +92,8 @@ def ci_from_flat(
     """
     union_l = labels.amax(-2)
     union_p = preds_binary.amax(-2)
-    tp = (union_l * union_p).sum(-1, dtype=torch.float64)
-    pos = union_l.sum(-1, dtype=torch.float64)  # TP + FN
+    tp = (union_l * union_p).sum(-1).to(torch.float64)
+    pos = union_l.sum(-1).to(torch.float64)  # TP + FN
     s_c = torch.where(pos > 0, tp / pos.clamp_min(1.0), torch.ones_like(pos))
     if d is None:
         d = pairwise_dice(labels, preds_binary, "standard", inter=pairwise_intersections(labels, preds_binary))

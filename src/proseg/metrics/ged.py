@@ -87,9 +87,12 @@ def ged_from_flat(
             pairwise_intersections(preds_binary, preds_binary),
         )
     i_lp, i_ll, i_pp = intersections
-    d_cross = 1.0 - pairwise_iou(labels, preds_binary, convention, inter=i_lp)
-    d_labels = 1.0 - pairwise_iou(labels, labels, convention, inter=i_ll)
-    d_preds = 1.0 - pairwise_iou(preds_binary, preds_binary, convention, inter=i_pp)
+    # The mask sizes are the diagonals of the within-set Gram matrices: no further pass over the pixels.
+    s_l = torch.diagonal(i_ll, dim1=-2, dim2=-1)
+    s_p = torch.diagonal(i_pp, dim1=-2, dim2=-1)
+    d_cross = 1.0 - pairwise_iou(labels, preds_binary, convention, inter=i_lp, sizes=(s_l, s_p))
+    d_labels = 1.0 - pairwise_iou(labels, labels, convention, inter=i_ll, sizes=(s_l, s_l))
+    d_preds = 1.0 - pairwise_iou(preds_binary, preds_binary, convention, inter=i_pp, sizes=(s_p, s_p))
     cross = d_cross.mean(dim=(-1, -2))
     e_labels = mean_pair_distance(d_labels, estimator)
     e_preds = mean_pair_distance(d_preds, estimator)

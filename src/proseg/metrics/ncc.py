@@ -37,8 +37,9 @@ def s_ncc_from_flat(labels: torch.Tensor, preds_soft: torch.Tensor) -> torch.Ten
     The ``M × P`` logarithms are taken in the predictions' precision (float32 for float32 samples, as PHiSeg
     does with its float32 softmax outputs); everything of size ``P`` after the mean over samples is float64.
     """
-    log1 = torch.log(preds_soft + PHISEG_EPS).mean(-2).to(torch.float64)  # (..., P)
-    log0 = torch.log((1.0 - preds_soft) + PHISEG_EPS).mean(-2).to(torch.float64)
+    # In place on one temporary each, in PHiSeg's order of operations (log((1 - p) + eps), not log(1 + eps - p)).
+    log1 = (preds_soft + PHISEG_EPS).log_().mean(-2).to(torch.float64)  # (..., P)
+    log0 = (1.0 - preds_soft).add_(PHISEG_EPS).log_().mean(-2).to(torch.float64)
     p_bar = preds_soft.mean(-2).to(torch.float64)
     y = labels.to(torch.float64)
     e_ss = -((1.0 - p_bar) * log0 + p_bar * log1)  # (..., P)

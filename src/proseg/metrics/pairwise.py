@@ -57,6 +57,14 @@ def as_counting(masks: torch.Tensor) -> torch.Tensor:
     return (masks != 0).to(dtype)
 
 
+def mask_sizes(masks: torch.Tensor) -> torch.Tensor:
+    """Foreground counts of 0/1 masks ``(..., K, P)`` -> ``(..., K)`` float64.
+
+    Summed in the counting dtype (exact, see :func:`count_dtype`), then cast: no float64 copy of the masks.
+    """
+    return masks.sum(-1).to(torch.float64)
+
+
 def pairwise_intersections(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Intersection counts of every pair.
 
@@ -76,6 +84,7 @@ def pairwise_iou(
     convention: Convention = "standard",
     *,
     inter: torch.Tensor | None = None,
+    sizes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """IoU of the foreground of every pair ``(a_i, b_j)``.
 
@@ -84,6 +93,7 @@ def pairwise_iou(
         b: ``(..., M, P)`` 0/1 floats.
         convention: empty-mask rule, see the module docstring.
         inter: precomputed :func:`pairwise_intersections` (optional).
+        sizes: precomputed mask sizes ``((..., N), (..., M))`` float64 (optional; see :func:`mask_sizes`).
 
     Returns:
         ``(..., N, M)`` float64 in ``[0, 1]``.
@@ -91,9 +101,8 @@ def pairwise_iou(
     check_convention(convention)
     if inter is None:
         inter = pairwise_intersections(a, b)
-    size_a = a.sum(-1, dtype=torch.float64).unsqueeze(-1)
-    size_b = b.sum(-1, dtype=torch.float64).unsqueeze(-2)
-    union = size_a + size_b - inter
+    size_a, size_b = sizes if sizes is not None else (mask_sizes(a), mask_sizes(b))
+    union = size_a.unsqueeze(-1) + size_b.unsqueeze(-2) - inter
     if convention == "reference":
         return inter / (union + REFERENCE_IOU_SMOOTH)
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
@@ -105,6 +114,7 @@ def pairwise_dice(
     convention: Convention = "standard",
     *,
     inter: torch.Tensor | None = None,
+    sizes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Dice of the foreground of every pair ``(a_i, b_j)``.
 
@@ -113,6 +123,7 @@ def pairwise_dice(
         b: ``(..., M, P)`` 0/1 floats.
         convention: empty-mask rule, see the module docstring.
         inter: precomputed :func:`pairwise_intersections` (optional).
+        sizes: precomputed mask sizes ``((..., N), (..., M))`` float64 (optional; see :func:`mask_sizes`).
 
     Returns:
         ``(..., N, M)`` float64 in ``[0, 1]``.
@@ -120,7 +131,8 @@ def pairwise_dice(
     check_convention(convention)
     if inter is None:
         inter = pairwise_intersections(a, b)
-    total = a.sum(-1, dtype=torch.float64).unsqueeze(-1) + b.sum(-1, dtype=torch.float64).unsqueeze(-2)
+    size_a, size_b = sizes if sizes is not None else (mask_sizes(a), mask_sizes(b))
+    total = size_a.unsqueeze(-1) + size_b.unsqueeze(-2)
     if convention == "reference":
         return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
     return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
@@ -131,8 +143,8 @@ def dice(a: torch.Tensor, b: torch.Tensor, convention: Convention = "standard") 
     check_convention(convention)
     a = as_counting(a)
     b = as_counting(b)
-    inter = (a * b).sum(-1, dtype=torch.float64)
-    total = a.sum(-1, dtype=torch.float64) + b.sum(-1, dtype=torch.float64)
+    inter = (a * b).sum(-1).to(torch.float64)
+    total = mask_sizes(a) + mask_sizes(b)
     if convention == "reference":
         return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
     return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
