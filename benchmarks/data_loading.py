@@ -83,8 +83,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reads", type=int, default=4000)
     args = ap.parse_args()
-    if os.getloadavg:
-        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="proseg-bench-") as td:
         tmp = Path(td)
         store = args.store
@@ -97,9 +96,18 @@ def main() -> None:
             store = res.out
             print(f"prepare lidc-kaggle: {res.rows} slices, {res.patients} patients in {res.seconds:.1f} s "
                   f"({res.rows / res.seconds:.0f} slices/s)")
+        import torch
+
+        threads = torch.get_num_threads()
         for workers in (0, 2):
             rate = loader_rate(store, workers, args.samples, args.batch_size)
-            print(f"MultiRaterDataset + augmentation, {workers} workers: {rate:.0f} samples/s")
+            print(f"MultiRaterDataset + augmentation, {workers} workers: {rate:.0f} samples/s "
+                  f"(main process torch threads {threads})")
+        # collate's torch.stack in the main process spins on an oversubscribed machine; workers use 1 thread
+        torch.set_num_threads(1)
+        rate = loader_rate(store, 0, args.samples, args.batch_size)
+        print(f"MultiRaterDataset + augmentation, 0 workers: {rate:.0f} samples/s (main process torch threads 1)")
+        torch.set_num_threads(threads)
         for name, rate in row_read_rates(store, args.reads, tmp).items():
             print(f"random row read ({name}): {rate:.0f} rows/s")
 
