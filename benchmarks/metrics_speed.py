@@ -16,6 +16,7 @@ loop is run once for the large configurations.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -97,8 +98,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, device={dev}"
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads={args.threads}, "
+        f"device={dev}, load average {load}"
     )
     header = f"{'labels x preds':>15} {'shape':>14} {'case_metrics [s]':>17} {'loop [s]':>10} {'speed-up':>9}"
     print(header)
@@ -128,7 +131,8 @@ def main() -> None:
             t_loop_s, speed = f"{t_loop:.3f}", f"{t_loop / t_ours:.0f}x"
         shp = "x".join(map(str, shape))
         print(f"{f'{n} x {k}':>15} {shp:>14} {t_ours:>17.4f} {t_loop_s:>10} {speed:>9}")
-    print(f"(case_metrics: best of {args.repeats} runs; loop: one run; both checked to agree to 1e-9)")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"(case_metrics: best of {args.repeats} runs; loop: one run; both agree to 1e-9; load average {load})")
 
 
 if __name__ == "__main__":
