@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from proseg.cli.demo import demo
 from proseg.cli.evaluate import evaluate
 from proseg.cli.info import info
 from proseg.cli.predict import predict
@@ -25,4 +26,5 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train": train,
     "evaluate": evaluate,
     "predict": predict,
+    "demo": demo,
 }

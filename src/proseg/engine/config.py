@@ -103,8 +103,9 @@ class TrainConfig:
         epochs: passes over the training part of the fold.
         max_steps: stop after this many optimiser steps (0 = ``epochs`` full epochs). The schedule spans
             ``min(max_steps, epochs * steps_per_epoch)`` steps.
-        time_budget_s: stop (after a final validation and checkpoint) once this many seconds of training have
-            elapsed, summed over resumes (0 = no budget).
+        time_budget_s: stop (then a final validation and checkpoint) once this many wall-clock seconds of the
+            training loop, validations and checkpoints included, have passed, summed over resumes (0 = no
+            budget). The cosine decay then follows the larger of the step fraction and the spent time fraction.
         batch_size: **global** batch size; each of the W DDP ranks takes ``batch_size / W`` (must divide).
         seed: base seed; rank r seeds with ``seed + r``; epoch e's data order is a function of (seed, e).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.

@@ -467,7 +467,9 @@ class Trainer:
                         self.on_epoch_end(self.step // self.steps_per_epoch - 1)
                     elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    t_mark = time.time()  # validation and checkpoint time does not count as training time
+                    now = time.time()  # wall clock: validation and checkpoints count too
+                    self.elapsed += now - t_mark
+                    t_mark = now
                     if self.step >= self.total_steps or stop:
                         break
             if stop:
