@@ -31,15 +31,34 @@ from proseg.metrics.inputs import flatten_cases
 PHISEG_EPS = 1e-8
 
 
+# Elements per temporary in the chunked log pass: small enough to stay in the allocator's cache (a fresh
+# multi-MB buffer per call costs page faults that dominate the arithmetic).
+_CHUNK_ELEMS = 1 << 20
+
+
+def _mean_logs(preds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean_j log(p_j + eps)`` and ``mean_j log((1 − p_j) + eps)`` over the sample dim -> ``(..., P)`` each.
+
+    Chunked over pixels (never over samples or raters); in PHiSeg's order of operations: ``log((1 − p) + eps)``.
+    """
+    m, p = preds.shape[-2], preds.shape[-1]
+    rows = max(1, preds[..., :1].numel() // m) * m  # elements per pixel column across leading dims and samples
+    step = max(1, _CHUNK_ELEMS // rows)
+    log1, log0 = [], []
+    for c in range(0, p, step):
+        x = preds[..., c : c + step]
+        log1.append((x + PHISEG_EPS).log_().mean(-2))
+        log0.append((1.0 - x).add_(PHISEG_EPS).log_().mean(-2))
+    return torch.cat(log1, -1), torch.cat(log0, -1)
+
+
 def s_ncc_from_flat(labels: torch.Tensor, preds_soft: torch.Tensor) -> torch.Tensor:
     """S_NCC from flattened labels ``(..., N, P)`` (0/1) and soft predictions ``(..., M, P)`` -> ``(...)`` float64.
 
     The ``M × P`` logarithms are taken in the predictions' precision (float32 for float32 samples, as PHiSeg
     does with its float32 softmax outputs); everything of size ``P`` after the mean over samples is float64.
     """
-    # In place on one temporary each, in PHiSeg's order of operations (log((1 - p) + eps), not log(1 + eps - p)).
-    log1 = (preds_soft + PHISEG_EPS).log_().mean(-2).to(torch.float64)  # (..., P)
-    log0 = (1.0 - preds_soft).add_(PHISEG_EPS).log_().mean(-2).to(torch.float64)
+    log1, log0 = (t.to(torch.float64) for t in _mean_logs(preds_soft))  # (..., P)
     p_bar = preds_soft.mean(-2).to(torch.float64)
     y = labels.to(torch.float64)
     e_ss = -((1.0 - p_bar) * log0 + p_bar * log1)  # (..., P)
