@@ -18,6 +18,15 @@ H = W = 16
 B = 2
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_model(name: str, in_channels: int = 1, num_raters: int = 3, seed: int = 0) -> MultiRaterModel:
     torch.manual_seed(seed)
     model = create_model(name, in_channels=in_channels, num_raters=num_raters, preset="tiny")

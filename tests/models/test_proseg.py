@@ -15,6 +15,15 @@ from proseg.models.proseg import ProSeg, RaterConvStack, SegHead, sample_dirichl
 H = W = 16
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(num_raters: int = 3, in_channels: int = 1, **kw) -> ProSeg:
     torch.manual_seed(0)
     model = create_model("proseg", in_channels=in_channels, num_raters=num_raters, preset="tiny", **kw)
