@@ -99,6 +99,11 @@ def confusion_trace(cm: Tensor, weight: Tensor) -> Tensor:
     return (tr * w).sum() / w.sum().clamp(min=1e-12)
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Half/bfloat16 (autocast) logits -> float32 for the log-space maths; float32/float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class GroupPReLU(nn.Module):
     """PReLU with one slope per group of channels (one per rater, as R separate ``nn.PReLU()`` modules)."""
 
@@ -202,8 +207,8 @@ class _ConfusionMatrixModel(MultiRaterModel):
     def _forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(log p_hat (B, 2, H, W), log A (R, 2, 2) or (B, R, 2, 2, H, W))``."""
         features = self.backbone(images)
-        log_p_true = F.log_softmax(self.seg_head(features), dim=1)
-        log_cm = F.log_softmax(self.cm_logits(features), dim=-4 if self.level == "pixel" else -2)
+        log_p_true = F.log_softmax(_at_least_fp32(self.seg_head(features)), dim=1)
+        log_cm = F.log_softmax(_at_least_fp32(self.cm_logits(features)), dim=-4 if self.level == "pixel" else -2)
         return log_p_true, log_cm
 
     def confusion_matrices(self, images: Tensor | None = None) -> Tensor:
@@ -219,7 +224,7 @@ class _ConfusionMatrixModel(MultiRaterModel):
     def predict_true(self, images: Tensor) -> Tensor:
         """``(B, H, W)`` estimated probability that the **true** label is foreground (``p_hat``)."""
         self._check_images(images)
-        return F.softmax(self.seg_head(self.backbone(images)), dim=1)[:, 1]
+        return F.softmax(_at_least_fp32(self.seg_head(self.backbone(images))), dim=1)[:, 1]
 
     def rater_probabilities(self, images: Tensor) -> Tensor:
         """``(B, R, H, W)`` foreground probability of each rater's predicted distribution ``A_r p_hat``."""
