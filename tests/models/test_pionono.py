@@ -12,6 +12,15 @@ from proseg.models.pionono import Pionono, full_gaussian_kl_isotropic
 R, C, H = 3, 1, 16
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(**overrides) -> Pionono:
     torch.manual_seed(0)
     model = create_model("pionono", in_channels=C, num_raters=R, preset="tiny", **overrides)
