@@ -215,3 +215,10 @@ def test_failure_while_writing_removes_the_temporary_folder(tmp_path: Path, monk
     with pytest.raises(OSError, match="disk full"):
         prepare("lidc-kaggle", src, tmp_path / "o" / "ds", num_folds=2)
     assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_info_json_with_one_rater_is_valid_json(tmp_path: Path) -> None:
+    out = tmp_path / "one"
+    _run("prepare", "synthetic", "1", out, "--cases", "4", "--size", "16", "--raters", "1", "--folds", "2", "-q")
+    st = json.loads(_run("info", out, "--json"), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert st["pairwise_dice"] is None and st["num_raters"] == 1

@@ -14,7 +14,6 @@ def info(
 ) -> None:
     """Describe a prepared dataset."""
     import json
-    import math
 
     from proseg.data.stats import store_stats
     from proseg.data.store import open_store
@@ -31,7 +30,7 @@ def info(
         st["checksums_ok"] = not bad
         st["checksum_mismatch"] = bad
     if as_json:
-        typer.echo(json.dumps(st, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+        typer.echo(json.dumps(_nan_to_none(st), indent=1))
     else:
         src = st["source"]
         c, h, w = st["shape"]
@@ -60,3 +59,16 @@ def info(
         typer.echo("\n".join(lines))
     if bad:
         raise typer.Exit(1)
+
+
+def _nan_to_none(obj: object) -> object:
+    """JSON has no NaN: undefined statistics (e.g. agreement with one rater) become null."""
+    import math
+
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj

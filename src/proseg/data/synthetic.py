@@ -1,6 +1,7 @@
 """Synthetic multi-rater lesions: the embedded default data source, with its generative truth.
 
-Each case ``i`` is a pure function of ``(seed, i)`` (a counter-based splitmix64 hash drives every random number),
+Each case ``i`` is a pure function of ``(seed, i)`` (a counter-based splitmix64 hash drives every random number;
+pixel noise is read from a fixed normal bank along a hashed progression),
 so it is identical whether generated alone, in any batch, in any DataLoader worker, or by ``prepare synthetic``.
 All work is vectorized over the batch and the raters (numpy, float32).
 
