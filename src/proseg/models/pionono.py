@@ -14,11 +14,12 @@ Model
       latent only adds ``W_z z``; nothing is tiled.
 
 Training (``loss``)
-    Every present rater of every image, ``mc_samples`` latents each (``z = mu_r + L_r eps``, eps from the
-    generator). ``mc_reduction="loss"`` (default) averages the segmentation loss over the samples, the Monte-Carlo
+    Every present rater of every image (``rater_sampling="all"``) or one present rater per image drawn uniformly
+    (``"one"``, as the reference training scripts), ``mc_samples`` latents each (``z = mu_r + L_r eps``, eps from
+    the generator). ``mc_reduction="loss"`` (default) averages the segmentation loss over the samples, the Monte-Carlo
     estimate of the ELBO's expected log-likelihood; ``"logits"`` averages the *logits* over the samples and takes
     the loss of the mean, as the reference code does (``mc_sampling(use_softmax=False)``).
-    ``loss = seg + kl_weight * KL + reg_weight * sum_W ||W||_2`` where the KL is averaged over the present
+    ``loss = seg + kl_weight * KL + reg_weight * sum_W ||W||_2`` where the KL is averaged over the used
     (image, rater) pairs (the reference averages the KL of each image's rater over the batch) and the
     regulariser is the sum of the L2 norms (not squared) of the head's hidden layers (the reference's
     ``l2_regularisation(head.layers)``: every head convolution except the last).
@@ -173,9 +174,9 @@ class PiononoHead(nn.Module):
         w = self.first.weight[:, : self.feature_channels]
         return F.conv2d(features, w)
 
-    def forward(self, features: Tensor, z: Tensor, projected: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, z: Tensor) -> Tensor:
         b, n, _ = z.shape
-        proj = self.project_features(features) if projected is None else projected
+        proj = self.project_features(features)
         w_z = self.first.weight[:, self.feature_channels :, 0, 0]  # (Ch, D)
         bias = z @ w_z.t() + self.first.bias  # (B, N, Ch)
         h = F.relu(proj.unsqueeze(1) + bias[..., None, None])  # (B, N, Ch, H, W)
