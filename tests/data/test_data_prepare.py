@@ -222,3 +222,12 @@ def test_info_json_with_one_rater_is_valid_json(tmp_path: Path) -> None:
     _run("prepare", "synthetic", "1", out, "--cases", "4", "--size", "16", "--raters", "1", "--folds", "2", "-q")
     st = json.loads(_run("info", out, "--json"), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
     assert st["pairwise_dice"] is None and st["num_raters"] == 1
+
+
+def test_npc_same_patient_as_3d_and_2d_files_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "npc"
+    make_npc(src / "validation", cases=("Sample_1", "Sample_2"))
+    make_npc(src / "training_2d", cases=("Sample_1",), two_d=True)
+    with pytest.raises(DataError, match="both slice 0 of volume 'Sample_1'"):
+        prepare("npc", src, tmp_path / "ds", num_folds=2)
+    assert not (tmp_path / "ds").exists()

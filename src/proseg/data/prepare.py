@@ -213,6 +213,13 @@ def prepare(
     for p in processed:
         vol_order.setdefault(p.volume_id, len(vol_order))
     processed.sort(key=lambda p: (vol_order[p.volume_id], p.slice_indices[0]))
+    seen_slices: dict[tuple[str, int], str] = {}
+    for p in processed:
+        for k in p.slice_indices:
+            other = seen_slices.setdefault((p.volume_id, k), p.case_id)
+            if other != p.case_id:
+                raise DataError(f"{src}: cases {other!r} and {p.case_id!r} are both slice {k} of volume "
+                                f"{p.volume_id!r}")
     pid_of_volume: dict[str, str] = {}
     for p in processed:
         if pid_of_volume.setdefault(p.volume_id, p.patient_id) != p.patient_id:
