@@ -68,6 +68,11 @@ RECORD_KEYS: tuple[str, ...] = (
 """Every key a record can have, in output order (``dice_per_rater`` only when M == N)."""
 
 
+# Restrict the mask metrics to the pixels that are foreground somewhere when they are fewer than this fraction
+# (below it the copy is cheaper than the matrix products it shrinks).
+_COMPACT_BELOW = 0.75
+
+
 def _f(x: torch.Tensor | float) -> float:
     return float(x)
 
@@ -81,18 +86,26 @@ def _records_from_flat(
     labels, preds_b, preds_s = flat.labels, flat.preds_binary, flat.preds_soft
     if labels.dim() == 2:  # single case -> batch of one
         labels, preds_b, preds_s = labels.unsqueeze(0), preds_b.unsqueeze(0), preds_s.unsqueeze(0)
+    # Pixels that are background in every mask of every case add nothing to any intersection or size:
+    # restrict the mask-based metrics to the others (lesions are small, so this often removes most pixels).
+    num_pixels = int(labels.shape[-1])
+    active = (labels.amax(-2) + preds_b.amax(-2)).amax(0) > 0  # (P,)
+    if int(active.sum()) < _COMPACT_BELOW * num_pixels:
+        labels_c, preds_c = labels[..., active], preds_b[..., active]
+    else:
+        labels_c, preds_c = labels, preds_b
     # The three Gram matrices are shared by GED, the Dice matrix and the CI score.
-    i_lp = pairwise_intersections(labels, preds_b)
-    i_ll = pairwise_intersections(labels, labels)
-    i_pp = pairwise_intersections(preds_b, preds_b)
-    ged = ged_from_flat(labels, preds_b, convention, estimator, intersections=(i_lp, i_ll, i_pp))
+    i_lp = pairwise_intersections(labels_c, preds_c)
+    i_ll = pairwise_intersections(labels_c, labels_c)
+    i_pp = pairwise_intersections(preds_c, preds_c)
+    ged = ged_from_flat(labels_c, preds_c, convention, estimator, intersections=(i_lp, i_ll, i_pp))
     sizes = (torch.diagonal(i_ll, dim1=-2, dim2=-1), torch.diagonal(i_pp, dim1=-2, dim2=-1))
-    d = pairwise_dice(labels, preds_b, convention, inter=i_lp, sizes=sizes)
-    d_std = d if convention == "standard" else pairwise_dice(labels, preds_b, "standard", inter=i_lp, sizes=sizes)
+    d = pairwise_dice(labels_c, preds_c, convention, inter=i_lp, sizes=sizes)
+    d_std = d if convention == "standard" else pairwise_dice(labels_c, preds_c, "standard", inter=i_lp, sizes=sizes)
     dmax = dice_max_from_matrix(d)
     aligned = dice_per_rater_aligned(d)
     soft = dice_soft_from_flat(labels, preds_s, thresholds, convention)
-    ci = ci_from_flat(labels, preds_b, d_std, inter_labels=i_ll, inter_preds=i_pp)
+    ci = ci_from_flat(labels_c, preds_c, d_std, inter_labels=i_ll, inter_preds=i_pp, num_pixels=num_pixels)
     ncc = s_ncc_from_flat(labels, preds_s)
 
     n, m = int(labels.shape[-2]), int(preds_b.shape[-2])

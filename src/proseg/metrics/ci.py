@@ -50,21 +50,29 @@ class CIScore(NamedTuple):
     diversity_agreement: torch.Tensor
 
 
-def pairwise_difference_variance(masks: torch.Tensor, inter: torch.Tensor | None = None) -> torch.Tensor:
-    """``V[..., i, j] = Var_pixels(masks_i − masks_j)`` for 0/1 masks ``(..., K, P)`` -> ``(..., K, K)`` float64."""
+def pairwise_difference_variance(
+    masks: torch.Tensor, inter: torch.Tensor | None = None, num_pixels: int | None = None
+) -> torch.Tensor:
+    """``V[..., i, j] = Var_pixels(masks_i − masks_j)`` for 0/1 masks ``(..., K, P)`` -> ``(..., K, K)`` float64.
+
+    ``num_pixels`` is the image size when ``masks`` were restricted to a subset of pixels that holds every
+    foreground pixel (the variance is over the whole image); default ``P``.
+    """
     if inter is None:
         inter = pairwise_intersections(masks, masks)
-    p = masks.shape[-1]
+    p = masks.shape[-1] if num_pixels is None else num_pixels
     size = torch.diagonal(inter, dim1=-2, dim2=-1)  # |m_i ∩ m_i| = |m_i|
     s_i = size.unsqueeze(-1)
     s_j = size.unsqueeze(-2)
     return (s_i + s_j - 2.0 * inter) / p - ((s_i - s_j) / p) ** 2
 
 
-def _extreme_pair_variances(masks: torch.Tensor, inter: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _extreme_pair_variances(
+    masks: torch.Tensor, inter: torch.Tensor | None, num_pixels: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, min) of the pairwise variances over the pairs ``i < j``; (0, 0) for a single mask."""
     k = masks.shape[-2]
-    v = pairwise_difference_variance(masks, inter)
+    v = pairwise_difference_variance(masks, inter, num_pixels)
     if k < 2:
         zero = torch.zeros(v.shape[:-2], dtype=torch.float64, device=v.device)
         return zero, zero
@@ -80,6 +88,7 @@ def ci_from_flat(
     *,
     inter_labels: torch.Tensor | None = None,
     inter_preds: torch.Tensor | None = None,
+    num_pixels: int | None = None,
 ) -> CIScore:
     """CI score from flattened 0/1 masks ``(..., N, P)`` and ``(..., M, P)``.
 
@@ -89,6 +98,8 @@ def ci_from_flat(
         d: optional precomputed standard-convention Dice matrix ``(..., N, M)``.
         inter_labels: optional precomputed ``labels ∩ labels`` counts ``(..., N, N)``.
         inter_preds: optional precomputed ``preds ∩ preds`` counts ``(..., M, M)``.
+        num_pixels: the image size when the masks were restricted to a pixel subset holding every foreground
+            pixel of both sets (default ``P``).
     """
     union_l = labels.amax(-2)
     union_p = preds_binary.amax(-2)
@@ -98,8 +109,8 @@ def ci_from_flat(
     if d is None:
         d = pairwise_dice(labels, preds_binary, "standard", inter=pairwise_intersections(labels, preds_binary))
     d_max = d.amax(-1).mean(-1)
-    vmax_l, vmin_l = _extreme_pair_variances(labels, inter_labels)
-    vmax_p, vmin_p = _extreme_pair_variances(preds_binary, inter_preds)
+    vmax_l, vmin_l = _extreme_pair_variances(labels, inter_labels, num_pixels)
+    vmax_p, vmin_p = _extreme_pair_variances(preds_binary, inter_preds, num_pixels)
     d_a = 1.0 - ((vmax_l - vmax_p).abs() + (vmin_l - vmin_p).abs()) / 2.0
     denom = s_c + d_max + d_a
     ci = torch.where(denom > 0, 3.0 * s_c * d_max * d_a / torch.where(denom > 0, denom, 1.0), torch.zeros_like(denom))
