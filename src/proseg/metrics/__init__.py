@@ -4,6 +4,7 @@ CIMD's CI score and PHiSeg's S_NCC, with explicit empty-mask conventions, plus d
 See ``docs/metrics.md`` for every definition and the quirks of the published reference code.
 """
 
+from proseg.metrics.aggregate import aggregate, format_summary, write_records_csv, write_summary_csv
 from proseg.metrics.case import RECORD_KEYS, batch_case_metrics, case_metrics
 from proseg.metrics.ci import CIScore, ci_score
 from proseg.metrics.dice import DEFAULT_THRESHOLDS, dice_matrix
@@ -18,12 +19,16 @@ __all__ = [
     "RECORD_KEYS",
     "CIScore",
     "GEDTerms",
+    "aggregate",
     "batch_case_metrics",
     "case_metrics",
     "ci_score",
     "dice_matrix",
+    "format_summary",
     "generalized_energy_distance",
     "pairwise_dice",
     "pairwise_iou",
     "s_ncc",
+    "write_records_csv",
+    "write_summary_csv",
 ]

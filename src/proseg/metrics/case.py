@@ -16,7 +16,6 @@ one mask, S_NCC of a constant map, per-rater matched Dice of an unmatched rater 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,8 +192,3 @@ def batch_case_metrics(
     ts = check_thresholds(thresholds)
     flat = flatten_cases(labels, preds, batched=True)
     return _records_from_flat(flat, convention, estimator, ts)
-
-
-def is_nan(x: object) -> bool:
-    """True for a float NaN (helper for writers of records)."""
-    return isinstance(x, float) and math.isnan(x)
