@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from proseg.engine.config import (
-    ConfigError,
     Config,
+    ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_yaml,

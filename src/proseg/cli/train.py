@@ -82,5 +82,7 @@ def _check_writable(run_dir: Path) -> None:
     probe = run_dir
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{run_dir}: cannot write here ({probe} is a file)")
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"{run_dir}: cannot write here ({probe} is not writable)")

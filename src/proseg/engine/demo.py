@@ -47,6 +47,11 @@ def _prepare_out(out: Path, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{out}: cannot write here ({probe} is a file)")
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: not writable")
@@ -194,8 +199,8 @@ def _report_md(runs: dict[str, dict[str, Any]], figures: list[tuple[str, Path]],
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in runs.items():
         rep = r["report"]
-        for mode, by_conv in rep["results"].items():
-            summ = by_conv.get("standard")
+        for mode in ("personalized", "diverse"):
+            summ = rep["results"].get(mode, {}).get("standard")
             if summ is None:
                 continue
             met = summ["metrics"]

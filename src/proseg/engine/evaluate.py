@@ -185,6 +185,8 @@ def _check_writable(path: Path) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{path}: cannot write here ({probe} is a file)")
     if not os.access(probe, os.W_OK):
         raise PermissionError(f"{path}: cannot write here ({probe} is not writable)")
 

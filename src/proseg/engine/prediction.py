@@ -362,6 +362,8 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     parent_probe = parent
     while not parent_probe.exists():
         parent_probe = parent_probe.parent
+    if not parent_probe.is_dir():
+        raise NotADirectoryError(f"{out}: cannot write here ({parent_probe} is a file)")
     if not os.access(parent_probe, os.W_OK):
         raise PermissionError(f"{out}: cannot write here ({parent_probe} is not writable)")
     parent.mkdir(parents=True, exist_ok=True)
