@@ -72,10 +72,6 @@ RECORD_KEYS: tuple[str, ...] = (
 _COMPACT_BELOW = 0.75
 
 
-def _f(x: torch.Tensor | float) -> float:
-    return float(x)
-
-
 def _records_from_flat(
     flat: FlatCases,
     convention: Convention,
@@ -108,24 +104,24 @@ def _records_from_flat(
     ncc = s_ncc_from_flat(labels, preds_s)
 
     n, m = int(labels.shape[-2]), int(preds_b.shape[-2])
+    # One transfer to the host for everything (a per-value float() would synchronise a GPU each time).
+    names = ("ged", "ged_cross", "ged_labels", "ged_preds", "dice_soft", "dice_max", "dice_max_reverse")
+    stacked = torch.stack(
+        [ged.ged, ged.cross, ged.labels, ged.preds, soft, dmax.dice_max, dmax.dice_max_reverse, ci.ci, ncc], -1
+    )
+    rows = stacked.to("cpu", torch.float64).tolist()
+    d_host = d.to("cpu", torch.float64)
+    aligned_host = aligned.to("cpu", torch.float64).tolist() if aligned is not None else None
     records: list[dict[str, Any]] = []
-    for b in range(labels.shape[0]):  # per-case assembly; the heavy work above is batched
-        match = dice_match_from_matrix(d[b])
-        rec: dict[str, Any] = {
-            "ged": _f(ged.ged[b]),
-            "ged_cross": _f(ged.cross[b]),
-            "ged_labels": _f(ged.labels[b]),
-            "ged_preds": _f(ged.preds[b]),
-            "dice_soft": _f(soft[b]),
-            "dice_max": _f(dmax.dice_max[b]),
-            "dice_max_reverse": _f(dmax.dice_max_reverse[b]),
-            "dice_match": match.dice_match,
-            "dice_per_rater_matched": [float(v) for v in match.per_rater],
-        }
-        if aligned is not None:
-            rec["dice_per_rater"] = [float(v) for v in aligned[b].tolist()]
-        rec["ci_score"] = _f(ci.ci[b])
-        rec["s_ncc"] = _f(ncc[b])
+    for b, row in enumerate(rows):  # per-case assembly and Hungarian matching (SciPy, on the host)
+        match = dice_match_from_matrix(d_host[b])
+        rec: dict[str, Any] = dict(zip(names, row[: len(names)], strict=True))
+        rec["dice_match"] = match.dice_match
+        rec["dice_per_rater_matched"] = [float(v) for v in match.per_rater]
+        if aligned_host is not None:
+            rec["dice_per_rater"] = aligned_host[b]
+        rec["ci_score"] = row[-2]
+        rec["s_ncc"] = row[-1]
         rec["convention"] = convention
         rec["estimator"] = estimator
         rec["num_labels"] = n
