@@ -312,3 +312,14 @@ def test_bad_input_raises(labels: np.ndarray, preds: np.ndarray, match: str) -> 
 def test_bad_options_raise(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         case_metrics(A_LABELS, A_PREDS, **kw)
+
+
+def test_dice_functional_entry_points() -> None:
+    from proseg.metrics import dice_match, dice_max, dice_soft
+
+    # Case A (see above): Dice_max .5, reverse 5/6, their mean 2/3; Dice_match .5 with A1-P1, A2-P2
+    dm = dice_max(A_LABELS, A_PREDS)
+    assert (float(dm.dice_max), float(dm.dice_max_reverse), float(dm.mean)) == pytest.approx((0.5, 5 / 6, 2 / 3))
+    match = dice_match(A_LABELS, A_PREDS)
+    assert match.dice_match == pytest.approx(0.5) and match.assignment.tolist() == [0, 1]
+    assert float(dice_soft(A_LABELS, A_PREDS)) == pytest.approx(4 / 15)

@@ -7,7 +7,7 @@ See ``docs/metrics.md`` for every definition and the quirks of the published ref
 from proseg.metrics.aggregate import aggregate, format_summary, write_records_csv, write_summary_csv
 from proseg.metrics.case import RECORD_KEYS, batch_case_metrics, case_metrics
 from proseg.metrics.ci import CIScore, ci_score
-from proseg.metrics.dice import DEFAULT_THRESHOLDS, dice_matrix
+from proseg.metrics.dice import DEFAULT_THRESHOLDS, dice_match, dice_matrix, dice_max, dice_soft
 from proseg.metrics.ged import ESTIMATORS, GEDTerms, generalized_energy_distance
 from proseg.metrics.ncc import s_ncc
 from proseg.metrics.pairwise import CONVENTIONS, pairwise_dice, pairwise_iou
@@ -23,7 +23,10 @@ __all__ = [
     "batch_case_metrics",
     "case_metrics",
     "ci_score",
+    "dice_match",
     "dice_matrix",
+    "dice_max",
+    "dice_soft",
     "format_summary",
     "generalized_energy_distance",
     "pairwise_dice",

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from proseg.metrics.inputs import flatten_cases
 from proseg.metrics.pairwise import (
     REFERENCE_DICE_SMOOTH,
     Convention,
@@ -142,3 +143,28 @@ def dice_soft_from_flat(
     else:
         per_t = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
     return per_t.mean(-1)
+
+
+def dice_soft(
+    labels: object,
+    preds: object,
+    *,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    convention: Convention = "standard",
+    batched: bool = False,
+) -> torch.Tensor:
+    """Dice_soft of one case (``labels (N, *S)``, soft ``preds (M, *S)``) or a batch -> ``()`` / ``(B,)`` float64."""
+    flat = flatten_cases(labels, preds, batched=batched)
+    return dice_soft_from_flat(flat.labels, flat.preds_soft, thresholds, convention)
+
+
+def dice_max(labels: object, preds: object, *, convention: Convention = "standard", batched: bool = False) -> DiceMax:
+    """Dice_max, Dice_max_reverse and their mean for one case (or a batch); predictions binarised with ``> 0.5``."""
+    flat = flatten_cases(labels, preds, batched=batched)
+    return dice_max_from_matrix(dice_matrix(flat.labels, flat.preds_binary, convention))
+
+
+def dice_match(labels: object, preds: object, *, convention: Convention = "standard") -> DiceMatch:
+    """Hungarian Dice_match of one case: mean matched Dice, per-rater matched Dice (NaN if unmatched), assignment."""
+    flat = flatten_cases(labels, preds)
+    return dice_match_from_matrix(dice_matrix(flat.labels, flat.preds_binary, convention))
