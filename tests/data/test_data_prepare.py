@@ -37,7 +37,7 @@ def test_cli_prepare_info_lidc_kaggle(tmp_path: Path) -> None:
     assert "16 slices" in text and "4 patients" in text
     store = open_store(out)
     m = store.manifest
-    assert m["counts"] == {"rows": 16, "cases": 16, "volumes": 8, "patients": 4, "absent_annotations": 0}
+    assert m["counts"] == {"rows": 16, "cases": 16, "volumes": 16, "patients": 4, "absent_annotations": 0}
     assert m["shapes"] == {"images": [16, 1, 16, 16], "masks": [16, 4, 16, 16]}
     assert m["intensity"]["mode"] == "unit8" and m["rater_order"] == "as-stored"
     assert m["splits"]["seed"] == 3 and store.splits["seed"] == 3 and store.num_folds == 2

@@ -27,7 +27,9 @@ def test_lidc_kaggle_reads_layout(tmp_path: Path) -> None:
     assert s.rater_names == ["mask-0", "mask-1", "mask-2", "mask-3"]
     np.testing.assert_array_equal(s.masks[2], disk(16, 1 + 2 + 1))
     assert s.rater_present.all()
-    assert s.extra["volume_id"] == "LIDC-IDRI-0001/nodule-0" and s.extra["slice_index"] == 1
+    # each slice is its own 2D case (scored per slice, as the literature does); the nodule is kept
+    assert s.extra["volume_id"] == s.case_id == "LIDC-IDRI-0001/nodule-0/slice-1"
+    assert s.extra["nodule_id"] == "LIDC-IDRI-0001/nodule-0" and s.extra["slice_index"] == 1
 
 
 def test_lidc_kaggle_missing_mask_file(tmp_path: Path) -> None:

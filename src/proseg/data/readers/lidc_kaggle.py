@@ -1,8 +1,10 @@
 """LIDC-IDRI Kaggle PNG export: ``LIDC-IDRI-XXXX/nodule-N/images/slice-K.png`` and
 ``LIDC-IDRI-XXXX/nodule-N/mask-{0..3}/slice-K.png``.
 
-One case per slice: ``case_id = LIDC-IDRI-XXXX/nodule-N/slice-K``, ``patient_id = LIDC-IDRI-XXXX``, grouped into
-the volume ``LIDC-IDRI-XXXX/nodule-N`` (``extra["volume_id"]``, ``extra["slice_index"] = K``). Masks are
+One case per slice: ``case_id = LIDC-IDRI-XXXX/nodule-N/slice-K``, ``patient_id = LIDC-IDRI-XXXX``. Each slice is
+its own 2D case (``extra["volume_id"] = case_id``): the LIDC literature trains and scores these crops slice by
+slice, and the crops of one nodule are not a contiguous, geometry-carrying volume. The nodule is kept in
+``extra["nodule_id"]`` (``LIDC-IDRI-XXXX/nodule-N``) and the slice number in ``extra["slice_index"]``. Masks are
 {0, 255} PNGs; rater names are the slot folders (``mask-0`` ...), which are annotation slots, not persons.
 
 Errors: a slice whose mask file is missing in an existing ``mask-k`` folder, a mask file without an image,
@@ -132,7 +134,8 @@ def _loader(ndir: Path, pid: str, nod: str, k: int, raters: list[str], rater_nam
             spacing=(),
             affine=None,
             source=img_path,
-            extra={"volume_id": f"{pid}/{nod}", "slice_index": k, "source_dtype": str(img.dtype)},
+            extra={"volume_id": f"{pid}/{nod}/slice-{k}", "nodule_id": f"{pid}/{nod}", "slice_index": k,
+                   "source_dtype": str(img.dtype)},
         )
 
     return load
