@@ -52,10 +52,11 @@ def test_cli_prepare_info_lidc_kaggle(tmp_path: Path) -> None:
     np.testing.assert_allclose(store.images[row, 0], png / 255.0, atol=1e-7)
     msk = np.asarray(Image.open(src / "LIDC-IDRI-0003/nodule-1/mask-2/slice-1.png"))
     np.testing.assert_array_equal(store.masks[row, 2], msk // 255)
-    # volumes group their slices in order; parts partition patients
+    # every LIDC slice is its own 2D case (volume of one slice); parts partition patients
     vr = store.volume_rows(store.rows(0, "test"))
     for vid, rows in vr.items():
-        assert (store.volume_ids[rows] == vid).all() and list(store.slice_indices[rows]) == [0, 1]
+        assert len(rows) == 1 and store.volume_ids[rows[0]] == store.case_ids[rows[0]] == vid
+        assert vid.endswith(f"/slice-{store.slice_indices[rows[0]]}")
     for k in range(2):
         parts = [set(store.patient_ids[store.rows(k, p)]) for p in ("train", "val", "test")]
         assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
