@@ -13,6 +13,15 @@ from proseg.models._gaussian_nets import Fcomb, choose_present_rater, training_p
 H = W = 16
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads only add barrier overhead (and stall on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _batch(b: int = 2, r: int = 3, c: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
