@@ -76,14 +76,19 @@ def test_reference_convention_u_estimator_and_null_for_nan(tmp_path: Path) -> No
     assert rec["dice_per_rater_matched"].count(None) == 2  # N = 3 > M = 1: two raters unmatched
 
 
-def test_nifti_4d_equals_npy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", [(3, 8, 9), (8, 9)])
+def test_nifti_in_predict_layout_pairs_with_npy(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    # proseg predict writes (K, D, H, W) as (X, Y, Z, K) = (H, W, D, K) and (K, H, W) as (H, W, K).
     nib = pytest.importorskip("nibabel")
-    labels, preds = _case(2, shape=(3, 8, 8))
-    for name, arr in (("l", labels), ("p", preds)):
-        nib.save(nib.Nifti1Image(np.moveaxis(arr, 0, -1), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
-    code, out = _run(str(tmp_path / "l.nii.gz"), str(tmp_path / "p.nii.gz"), "--json")
+    labels, preds = _case(2, shape=shape)
+    np.save(tmp_path / "l.npy", labels)
+    order = (2, 3, 1, 0) if len(shape) == 3 else (1, 2, 0)
+    nib.save(nib.Nifti1Image(np.transpose(preds, order), np.eye(4)), str(tmp_path / "p.nii.gz"))
+    code, out = _run(str(tmp_path / "l.npy"), str(tmp_path / "p.nii.gz"), "--json")
     assert code == 0, out
-    assert json.loads(out)["ged"] == pytest.approx(case_metrics(labels, preds)["ged"], abs=1e-9)
+    rec, expected = json.loads(out), case_metrics(labels, preds)
+    for key in ("ged", "dice_soft", "dice_per_rater", "s_ncc"):
+        assert rec[key] == pytest.approx(expected[key], abs=1e-9), key
 
 
 def test_folders_summary_and_csv(tmp_path: Path) -> None:

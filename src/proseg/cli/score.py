@@ -96,7 +96,7 @@ def score(
 
     LABELS and PREDS are two files of one case, or two folders of per-case files matched by name.
 
-    Pairing example: case_007.npy in LABELS with case_007.nii.gz in PREDS. A 4D NIfTI has its K masks last.
+    Pairing example: case_007.npy in LABELS with case_007.nii.gz in PREDS. NIfTI: the K masks on the last axis.
 
     Predictions are binarised with > 0.5 where a metric needs masks. Definitions and conventions: docs/metrics.md.
     """

@@ -6,8 +6,10 @@ One case per file: ``.npy``, ``.npz`` or ``.nii`` / ``.nii.gz``.
   arrays are refused.
 - ``.npz``: a single array, or the one named ``labels`` / ``masks`` (for labels) or ``preds`` /
   ``predictions`` / ``probs`` / ``samples`` (for predictions).
-- NIfTI: a 4D image ``(X, Y, Z, K)`` stores the ``K`` masks along its last axis (moved to the front here);
-  a 3D image is a single mask (``K = 1``).
+- NIfTI (``proseg predict``'s layout: the masks on the last axis, ``(X, Y)`` = ``(H, W)``, ``Z`` = ``D``):
+  a 4D image ``(X, Y, Z, K)`` is ``K`` volumes, read as ``(K, Z, X, Y)`` = ``(K, D, H, W)``; a 3D image
+  ``(X, Y, K)`` is ``K`` 2D masks, read as ``(K, X, Y)``; a 2D image is one 2D mask. A single 3D mask must
+  therefore be stored as ``(X, Y, Z, 1)``.
 
 Two folders are matched by case name: the file name without its extension (``case_007.npy`` in LABELS
 pairs with ``case_007.npz`` or ``case_007.nii.gz`` in PREDS). A case present on one side only is an error
@@ -69,12 +71,16 @@ def load_array(path: str | Path, role: str) -> np.ndarray:
 
             img = nib.load(str(path))
             arr = np.asarray(img.dataobj)
-            if arr.ndim == 4:
+            if arr.ndim == 4:  # (X, Y, Z, K) -> (K, Z, X, Y)
+                arr = np.transpose(arr, (3, 2, 0, 1))
+            elif arr.ndim == 3:  # (X, Y, K) -> (K, X, Y)
                 arr = np.moveaxis(arr, -1, 0)
-            elif arr.ndim == 3:
+            elif arr.ndim == 2:  # one 2D mask
                 arr = arr[None]
             else:
-                raise ScoreInputError(f"{path}: NIfTI {role} must be 3D (one mask) or 4D (X, Y, Z, K); got {arr.shape}")
+                raise ScoreInputError(
+                    f"{path}: NIfTI {role} must be (X, Y), (X, Y, K) or (X, Y, Z, K); got shape {arr.shape}"
+                )
         else:
             raise ScoreInputError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
     except ScoreInputError:
