@@ -171,3 +171,10 @@ def test_sampler_global_batches_do_not_depend_on_world_size(world: int) -> None:
     assert list(s) == parts[0][2 * per :]
     with pytest.raises(ValueError, match="not divisible"):
         GlobalBatchSampler(data, 8, num_replicas=3, rank=0)
+
+
+def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path: Path) -> None:
+    s = _trainer(tmp_path / "bf16", ["train.max_steps=2", "train.precision=bf16"]).fit()
+    assert s["steps"] == 2 and math.isfinite(s["last"]["loss"])
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        _trainer(tmp_path / "fp16", ["train.max_steps=2", "train.precision=fp16"])
