@@ -234,3 +234,45 @@ def test_demo_bad_inputs(tmp_path: Path) -> None:
     fails("demo", "--out", tmp_path / "d", "--minutes", "0", match="--minutes")
     fails("demo", "--out", tmp_path / "d2", "--data", tmp_path / "busy", match="not a prepared dataset")
     assert (tmp_path / "busy" / "thesis.tex").exists()
+
+
+def test_predict_hdf5_case_with_a_three_channel_model(other_data: dict[str, Path], tmp_path: Path) -> None:
+    import h5py
+
+    run = tmp_path / "rgb-run"
+    ok("train", "-c", REPO / "configs" / "npc" / "proseg.yaml", "--data", other_data["rgb"], "--out", run,
+       *TRAIN_FAST, "train.max_steps=1", "train.batch_size=2")
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "Sample_1.h5", "w") as f:  # an NPC-170 style 3D case: t1, t1c, t2 of D x H x W
+        for k in ("t1", "t1c", "t2"):
+            f[k] = rng.random((2, 32, 32)).astype(np.float32)
+    ok("predict", run, tmp_path / "Sample_1.h5", tmp_path / "pred", "--samples", "2", "--save-samples")
+    with h5py.File(tmp_path / "pred" / "prediction.h5", "r") as f:
+        assert f["mean"].shape == (2, 32, 32) and f["samples"].shape == (2, 2, 32, 32)
+        names = json.loads(f.attrs["rater_names"])
+        assert f[f"rater-{names[0]}_prob"].shape == (2, 32, 32)
+        np.testing.assert_allclose(f["uncertainty_total"][()],
+                                   f["uncertainty_rater"][()] + f["uncertainty_ambiguity"][()], atol=1e-6)
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), tmp_path / "one.nii.gz")
+    fails("predict", run, tmp_path / "one.nii.gz", tmp_path / "p2", match="expects 3")
+
+
+def test_demo_end_to_end_tiny(tmp_path: Path) -> None:
+    """The demo's real path (two processes side by side), scaled down to seconds."""
+    from proseg.engine.demo import run_demo
+
+    out = tmp_path / "demo"
+    report = run_demo(out, minutes=0.05, cases=24, eval_cases=2, num_samples=2, batch_size=4)
+    text = report.read_text()
+    assert "| ProSeg | personalized | 2 |" in text and "| Prob. U-Net | diverse | 2 |" in text
+    assert "| Prob. U-Net | personalized" not in text  # no personalized output: no row
+    for name in ("proseg", "prob_unet"):
+        assert (out / "runs" / name / "checkpoints" / "best" / "model.safetensors").is_file()
+        assert (out / "runs" / name / "eval" / "test-fold0" / "metrics.json").is_file()
+    figs = list((out / "figures").glob("*.png"))
+    assert len(figs) == 4 and all(f"figures/{f.name}" in text for f in figs)
+    assert json.loads((out / "demo.json").read_text())["runs"]["proseg"]["steps"] >= 1
+    # a second demo into the same folder replaces the results and reuses the prepared data
+    stamp = (out / "data" / "manifest.json").stat().st_mtime_ns
+    run_demo(out, minutes=0.02, cases=24, eval_cases=1, num_samples=1, batch_size=4, parallel=False)
+    assert (out / "data" / "manifest.json").stat().st_mtime_ns == stamp

@@ -16,13 +16,18 @@ def evaluate(
     fold: Optional[int] = typer.Option(None, "--fold", help="Fold (default: the run's)."),  # noqa: UP045
     out: Optional[Path] = typer.Option(  # noqa: UP045
         None, "--out", "-o", help="Output folder (default: RUN/eval/<split>-fold<k>)."),
-    mode: str = typer.Option("auto", "--mode", help="personalized, diverse, both, or auto (what the model has)."),
-    samples: int = typer.Option(16, "--samples", "-k", help="K: samples per rater (personalized) or per case."),
-    convention: str = typer.Option("standard", "--convention", help="standard, reference or both."),
-    estimator: str = typer.Option("v", "--estimator", help="GED estimator: v (published code) or u."),
-    seed: int = typer.Option(0, "--seed", help="Per-case sampling seed base: generator seeded from (seed, case_id)."),
-    figures: int = typer.Option(4, "--figures", help="Write a figure for this many cases."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Slices per forward pass."),
+    mode: str = typer.Option("auto", "--mode",
+                             help="personalized, diverse, both, or auto (the run's eval.modes the model has)."),
+    samples: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--samples", "-k", help="K: samples per rater (personalized) or per case [run's eval.num_samples, 16]."),
+    convention: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--convention", help="standard, reference or both [run's eval.conventions, standard]."),
+    estimator: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--estimator", help="GED estimator: v (published code) or u [run's eval.estimator, v]."),
+    seed: Optional[int] = typer.Option(  # noqa: UP045
+        None, "--seed", help="Per-case sampling seed base: generator seeded from (seed, case_id) [0]."),
+    figures: Optional[int] = typer.Option(None, "--figures", help="Figures for this many cases [4]."),  # noqa: UP045
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Slices per forward pass [32]."),  # noqa: UP045
     max_cases: int = typer.Option(0, "--max-cases", help="Evaluate only the first N cases (0 = all)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
@@ -42,7 +47,8 @@ def evaluate(
         modes = None if mode == "auto" else (list(MODES) if mode == "both" else [mode])
         if modes is not None and any(m not in MODES for m in modes):
             raise ValueError(f"--mode must be personalized, diverse, both or auto, got {mode!r}")
-        conventions = ["standard", "reference"] if convention == "both" else [convention]
+        conventions = None if convention is None else (["standard", "reference"] if convention == "both"
+                                                       else [convention])
         report = evaluate_checkpoint(checkpoint, data, split=split, fold=fold, out=out, modes=modes,
                                      num_samples=samples, conventions=conventions, estimator=estimator, seed=seed,
                                      num_figures=figures, batch_size=batch_size, device=device, force=force,
@@ -51,5 +57,5 @@ def evaluate(
 
         if env_dist_info().is_main:
             typer.echo(summary_table(report))
-            typer.echo(f"{report['num_cases']} cases, K={samples}; wrote {report['out']}/metrics.json")
+            typer.echo(f"{report['num_cases']} cases, K={report['num_samples']}; wrote {report['out']}/metrics.json")
         cleanup_distributed()

@@ -44,18 +44,23 @@ def evaluate_checkpoint(
     fold: int | None = None,
     out: str | os.PathLike[str] | None = None,
     modes: Sequence[str] | None = None,
-    num_samples: int = 16,
-    conventions: Sequence[str] = ("standard",),
-    estimator: str = "v",
-    thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
-    seed: int = 0,
-    num_figures: int = 4,
-    batch_size: int = 32,
+    num_samples: int | None = None,
+    conventions: Sequence[str] | None = None,
+    estimator: str | None = None,
+    thresholds: Sequence[float] | None = None,
+    seed: int | None = None,
+    num_figures: int | None = None,
+    batch_size: int | None = None,
     device: str = "auto",
     force: bool = False,
     max_cases: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate; returns the ``metrics.json`` content (on every rank). See the module docstring."""
+    """Evaluate; returns the ``metrics.json`` content (on every rank). See the module docstring.
+
+    Every option left at None takes the run's ``eval`` section (``config.yaml``), or its default
+    (:class:`proseg.engine.config.EvalConfig`) for a bare checkpoint. ``modes=None`` means the run's
+    ``eval.modes`` that the model has (all modes it has for a bare checkpoint); explicit modes must exist.
+    """
     from proseg.engine.config import load_config
     from proseg.engine.data import case_loader, open_dataset
     from proseg.metrics.aggregate import aggregate, write_records_csv
@@ -72,6 +77,16 @@ def evaluate_checkpoint(
         data = run_cfg.data.path
     if fold is None:
         fold = run_cfg.data.fold if run_cfg is not None else 0
+    from proseg.engine.config import EvalConfig
+
+    ev = run_cfg.eval if run_cfg is not None else EvalConfig()
+    num_samples = ev.num_samples if num_samples is None else num_samples
+    conventions = tuple(ev.conventions if conventions is None else conventions)
+    estimator = ev.estimator if estimator is None else estimator
+    thresholds = tuple(ev.thresholds if thresholds is None else thresholds)
+    seed = ev.seed if seed is None else seed
+    num_figures = ev.num_figures if num_figures is None else num_figures
+    batch_size = ev.batch_size if batch_size is None else batch_size
     if split not in ("train", "val", "test"):
         raise ValueError(f"--split must be train, val or test, got {split!r}")
     if num_samples < 1:
@@ -95,8 +110,12 @@ def evaluate_checkpoint(
     if store.num_channels != model.in_channels:
         raise DataError(f"{store.path}: the dataset has {store.num_channels} image channel(s) but the checkpoint "
                         f"{ckpt_dir} expects {model.in_channels}")
-    requested = list(modes) if modes else [m for m in MODES if supports(model, m)]
-    use_modes = resolve_modes(model, requested, strict=bool(modes))
+    if modes:
+        use_modes = resolve_modes(model, list(modes), strict=True)
+    else:
+        wanted = list(run_cfg.eval.modes) if run_cfg is not None else list(MODES)
+        use_modes = resolve_modes(model, [m for m in MODES if m in wanted and supports(model, m)] or wanted,
+                                  strict=False)
     if "personalized" in use_modes and store.num_raters != model.num_raters:
         raise DataError(f"{store.path}: the dataset has {store.num_raters} raters but the checkpoint {ckpt_dir} was "
                         f"trained for {model.num_raters}; personalized outputs cannot be matched to raters "
