@@ -205,10 +205,11 @@ class SegHead(nn.Module):
         first = self.layers[0]
         wz, wt = first.weight[:, : self.z_channels], first.weight[:, self.z_channels:]
         bias = F.linear(tau, wt, first.bias)  # (..., hidden)
-        h = F.linear(z, wz) + bias[..., None, None, :]
-        h = F.relu(h)
+        h = F.linear(z, wz)
+        h += bias[..., None, None, :]
+        h = h.relu_()  # in place: linear's backward needs its input, not its output
         for layer in self.layers[1:]:
-            h = F.relu(layer(h))
+            h = layer(h).relu_()
         return self.last(h).squeeze(-1)
 
     def l2(self) -> Tensor:
@@ -365,7 +366,7 @@ class ProSeg(MultiRaterModel):
         diverse_mode: str = "prior_classifier",
         diverse_rater: str = "argmax",
         latent_lr: float | None = 2e-3,
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(in_channels, num_raters)
         if rater_sampling not in ("one", "all"):
@@ -517,13 +518,32 @@ class ProSeg(MultiRaterModel):
         self._check_images(images)
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
         mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
-        std = torch.exp(0.5 * logvar)
         conc = self.tau.concentration().to(mu.dtype)
         lead = 1 if share_latent else B
         tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
-        eps = _draw("normal", (B, R, K, *mu.shape[2:]), generator, mu)
-        z = torch.addcmul(mu[:, :, None], std[:, :, None], eps)  # (B, R, K, H, W, Zc)
-        return torch.sigmoid(self.head(z, tau.expand(B, R, K, self.tau_dim)))
+        return self._per_rater_samples(mu, logvar, tau, generator)
+
+    def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``mu``/``logvar`` ``(B, R, H, W, Zc)``, ``tau`` ``(B or 1, R, K, D)`` -> ``(B, R, K, H, W)`` probabilities,
+        Z ~ N(mu_r, exp(logvar_r)) drawn per sample; Z is broadcast from the per-rater statistics, never gathered."""
+        B, R, H, W, _ = mu.shape
+        K = tau.shape[2]
+        std = torch.exp(0.5 * logvar)[:, :, None]
+        mu = mu[:, :, None]
+        tau = tau.expand(B, R, K, self.tau_dim)
+        out = mu.new_empty(B, R, K, H, W)
+        for k0, k1 in self._chunks(K, mu):
+            z = _draw("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
+            z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
+            out[:, :, k0:k1] = torch.sigmoid(self.head(z, tau[:, :, k0:k1]))
+        return out
+
+    @staticmethod
+    def _chunks(K: int, per_sample: Tensor, budget: int = 1 << 21) -> list[tuple[int, int]]:
+        """Split K samples into runs whose Z holds at most ``budget`` elements (keeps the head's intermediates in
+        cache and the peak memory flat in K); ``per_sample`` is one sample's Z (any shape)."""
+        step = max(1, budget // max(1, per_sample.numel()))
+        return [(k, min(K, k + step)) for k in range(0, K, step)]
 
     def sample_diverse(
         self,
@@ -543,22 +563,34 @@ class ProSeg(MultiRaterModel):
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
         mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
         lead = 1 if share_latent else B
-        tau = self._prior_tau((lead, K), generator, mu)  # (lead, K, D)
         if self.diverse_mode == "per_rater":
-            counts = torch.full((R,), K // R, dtype=torch.long)
-            counts[: K % R] += 1
-            rater = torch.repeat_interleave(torch.arange(R), counts).to(mu.device).expand(lead, K)
-        elif self.diverse_rater == "argmax":
+            # ceil(K/R) prior samples for every rater through the broadcast path, then keep the first
+            # K//R (+1 for the first K mod R raters) of each rater, in rater order
+            per = -(-K // R)
+            tau = self._prior_tau((lead, R, per), generator, mu)
+            out = self._per_rater_samples(mu, logvar, tau, generator).reshape(B, R * per, *mu.shape[2:4])
+            counts = [K // R + (1 if r < K % R else 0) for r in range(R)]
+            keep = torch.tensor([r * per + j for r in range(R) for j in range(counts[r])], device=mu.device)
+            return out.index_select(1, keep)
+        tau = self._prior_tau((lead, K), generator, mu)  # (lead, K, D)
+        if self.diverse_rater == "argmax":
             rater = self.tau.classifier(tau).argmax(-1)
         else:
             p = torch.softmax(self.tau.classifier(tau).float(), -1).reshape(lead * K, R)
             u = _draw("uniform", (lead * K, 1), generator, p)  # inverse-CDF draw from the generator
             rater = (p.cumsum(-1) < u).sum(-1).clamp_max(R - 1).reshape(lead, K)
         rater = rater.expand(B, K)
+        tau = tau.expand(B, K, self.tau_dim)
+        zc = self.z_channels
+        std_mu = torch.cat([torch.exp(0.5 * logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
         bidx = torch.arange(B, device=mu.device)[:, None]
-        mu_k, std_k = mu[bidx, rater], torch.exp(0.5 * logvar[bidx, rater])  # (B, K, H, W, Zc)
-        z = torch.addcmul(mu_k, std_k, _draw("normal", mu_k.shape, generator, mu_k))
-        return torch.sigmoid(self.head(z, tau.expand(B, K, self.tau_dim)))
+        out = mu.new_empty(B, K, *mu.shape[2:4])
+        for k0, k1 in self._chunks(K, mu[:, 0]):
+            sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
+            z = _draw("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
+            z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
+            out[:, k0:k1] = torch.sigmoid(self.head(z, tau[:, k0:k1]))
+        return out
 
     # --- optimisation ---------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
