@@ -120,11 +120,13 @@ def train_model(args: argparse.Namespace, label: str, name: str, preset: str, ov
 
 
 def count_steps(run: Path) -> int | None:
-    log = run / "log.jsonl"
-    if not log.is_file():
-        return None
-    steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()]
-    return int(max(steps)) if steps else None
+    """The last optimiser step recorded in the run's step log or validation log."""
+    steps: list[int] = []
+    for name in ("log.jsonl", "val.jsonl"):
+        log = run / name
+        if log.is_file():
+            steps += [int(json.loads(line).get("step", 0)) for line in log.read_text().splitlines() if line.strip()]
+    return max(steps) if steps else None
 
 
 def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
@@ -132,7 +134,7 @@ def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
     if (out / "metrics.json").is_file() and not args.retrain:
         return out
     run_child(proseg_cmd("evaluate", str(args.out / "runs" / label), "--data", str(args.data), "--split", "test",
-                         "--fold", str(args.fold), "--mode", "both", "--samples", str(k), "--convention", "both",
+                         "--fold", str(args.fold), "--mode", "auto", "--samples", str(k), "--convention", "both",
                          "--figures", str(args.figures), "--max-cases", str(args.max_test_cases),
                          "--out", str(out), "--force"),
               args.out / "logs" / f"{label}-eval-K{k}.log")
@@ -157,7 +159,7 @@ def floors_and_ceiling(args: argparse.Namespace, store: Any, k: int) -> list[dic
     )  # (H, W): the training-set mean over slices and raters
     records: list[dict[str, Any]] = []
     for case_id, rows in test_cases(store, args.fold, args.max_test_cases):
-        masks = torch.from_numpy(np.asarray(store.masks[np.sort(rows)], dtype=bool))  # (D, R, H, W)
+        masks = torch.from_numpy(np.array(store.masks[np.sort(rows)], dtype=bool))  # (D, R, H, W)
         present = np.asarray(store.rater_present[rows[0]], dtype=bool)
         labels = masks[:, present].permute(1, 0, 2, 3)  # (N, D, H, W)
         if labels.shape[1] == 1:
@@ -175,15 +177,12 @@ def floors_and_ceiling(args: argparse.Namespace, store: Any, k: int) -> list[dic
                     rec = case_metrics(labels, pp, convention=conv, estimator="v")
                     records.append({"label": label, "case_id": case_id, "mode": mode, "convention": conv,
                                     **flatten(rec)})
-            # inter-rater: each rater predicted by the other raters (leave-one-out), i.e. the humans' agreement
+            # inter-rater ceiling: rater k "predicted" by rater k-1 (each rater against another human)
             if n > 1:
                 perm = torch.roll(torch.arange(n), 1)
                 rec = case_metrics(labels, labels[perm].float(), convention=conv, estimator="v")
                 records.append({"label": "ceiling: inter-rater (rater k vs rater k-1)", "case_id": case_id,
                                 "mode": "personalized", "convention": conv, **flatten(rec)})
-                rec = case_metrics(labels, labels.float(), convention=conv, estimator="u")
-                records.append({"label": "ceiling: raters as samples (U-statistic)", "case_id": case_id,
-                                "mode": "diverse", "convention": conv, **flatten(rec)})
     return records
 
 
@@ -207,9 +206,11 @@ def load_cases_csv(path: Path, label: str) -> list[dict[str, Any]]:
                     rec[key] = float(val)
                 except (TypeError, ValueError):
                     rec[key] = val
-            if "dice_per_rater" in r and r["dice_per_rater"] and "dice_per_rater_mean" not in rec:
-                vals = [float(x) for x in str(r["dice_per_rater"]).strip("[]").replace(";", " ").split() if x]
-                rec["dice_per_rater_mean"] = float(np.nanmean(vals)) if vals else math.nan
+            # index-aligned per-rater Dice arrives as dice_per_rater_0..R-1 (personalized mode, M == N)
+            per = [rec[c] for c in r if c.startswith("dice_per_rater_") and not c.startswith("dice_per_rater_m")]
+            per = [v for v in per if isinstance(v, float) and not math.isnan(v)]
+            if per:
+                rec["dice_per_rater_mean"] = float(np.mean(per))
             rows.append(rec)
     return rows
 
