@@ -9,8 +9,8 @@ Each model runs in its own subprocess (so ``resource.getrusage(RUSAGE_SELF).ru_m
 RSS) on random data: ``(B, C, size, size)`` images, R raters, all present. Columns:
 
 * ``step fp32 B=16`` / ``B=4``: median seconds of ``zero_grad + loss + backward + Adam step`` (after one warm-up);
-* ``step bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (slow where the CPU lacks bf16
-  instructions: the table says what it measured, it does not decide);
+* ``step bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``, only where the CPU has native
+  bf16 (AVX512-BF16 or AMX; emulated bf16 is ~20x slower than fp32, ``--force-bf16`` times it anyway);
 * ``peak RSS``: the subprocess's peak resident memory after the fp32 B=16 steps (GB);
 * ``52 samples``: one image, ``sample_diverse(K=52)`` (personalized with ceil(52/R) per rater when a model has no
   diverse output), eval mode, ``inference_mode``; ``+1 sample``: ``(t(K=152) - t(K=52)) / 100``;
@@ -42,6 +42,15 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _bf16_isa() -> bool:
+    """Whether the CPU has native bf16 (AVX512-BF16 or AMX); without it autocast emulates bf16 and is far slower."""
+    import torch
+
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
 def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     import resource
 
@@ -49,13 +58,15 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from proseg.models import create_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name, _, preset = spec.partition(":")
     preset = preset or "default"
     torch.manual_seed(0)
     model = create_model(name, in_channels=args.channels, num_raters=args.raters, preset=preset)
     res: dict[str, Any] = {"model": spec, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
                            "threads": torch.get_num_threads()}
-    opt = torch.optim.Adam(model.param_groups(1e-4))
+    opt = torch.optim.Adam(model.param_groups(1e-4))  # torch's default (foreach) Adam, as the reference
     size, R, C = args.size, args.raters, args.channels
 
     def batch(b: int) -> dict[str, torch.Tensor]:
@@ -77,7 +88,8 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         res[f"step_fp32_b{bs}"] = _median_time(lambda b=b: step(b, False), args.steps)
         if bs == max(args.batch_sizes):
             res["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    if not args.no_bf16:
+    res["bf16_isa"] = _bf16_isa()
+    if not args.no_bf16 and (res["bf16_isa"] or args.force_bf16):
         for bs in args.batch_sizes:
             b = batch(bs)
             res[f"step_bf16_b{bs}"] = _median_time(lambda b=b: step(b, True), args.steps)
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up)")
     p.add_argument("--sample-repeats", type=int, default=3)
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--force-bf16", action="store_true", help="time bf16 autocast even without a bf16 ISA")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -155,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         args.models = [f"{n}:default" for n in list_models()] + ["proseg:reference"]
     passthrough = ["--size", str(args.size), "--channels", str(args.channels), "--raters", str(args.raters),
                    "--steps", str(args.steps), "--sample-repeats", str(args.sample_repeats), "--batch-sizes",
-                   *map(str, args.batch_sizes)] + (["--no-bf16"] if args.no_bf16 else [])
+                   *map(str, args.batch_sizes), "--threads", str(args.threads)]
+    passthrough += (["--no-bf16"] if args.no_bf16 else []) + (["--force-bf16"] if args.force_bf16 else [])
     rows = []
     load = os.getloadavg()
     print(f"# {args.size}x{args.size}, C={args.channels}, R={args.raters}, CPU threads={os.cpu_count()}, "
@@ -169,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"# done {spec}: {rows[-1]}", file=sys.stderr, flush=True)
     print(table(rows, args.batch_sizes))
+    if rows and not any(r.get("bf16_isa") for r in rows):
+        print("# bf16 columns empty: this CPU has no native bf16 (AVX512-BF16/AMX); --force-bf16 times it anyway")
     load = os.getloadavg()
     print(f"# load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:
