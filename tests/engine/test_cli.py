@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TRAIN_FAST, fails, is_root, ok
+from engine_helpers import REPO, TRAIN_FAST, fails, is_root, ok
 from PIL import Image
 
 from proseg.data.store import open_store

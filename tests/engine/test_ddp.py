@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TRAIN_FAST, ok
-from helpers import TinyConvModel, toy_data
+from engine_helpers import TRAIN_FAST, TinyConvModel, ok, threads, toy_data
 
 from proseg.engine.config import load_config
 from proseg.engine.trainer import Trainer
@@ -86,7 +85,8 @@ def test_torchrun_cli_train_and_sharded_evaluate(synth: Path, proseg_run: Path, 
     assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     ev1, ev2 = tmp_path / "ev1", tmp_path / "ev2"
-    ok("evaluate", proseg_run, "--data", synth, "--out", ev1, "--samples", "2", "--figures", "0")
+    with threads(1):  # as each torchrun process (OMP_NUM_THREADS=1)
+        ok("evaluate", proseg_run, "--data", synth, "--out", ev1, "--samples", "2", "--figures", "0")
     base[4] = f"--master-port={_free_port()}"
     res = subprocess.run([*base, "evaluate", str(proseg_run), "--data", str(synth), "--out", str(ev2), "--samples",
                           "2", "--figures", "0"], capture_output=True, text=True, env=env, timeout=300)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TRAIN_FAST, ok
+from engine_helpers import REPO, TRAIN_FAST, ok, threads
 from safetensors.torch import load_file
 
 STEPS = 12
@@ -40,7 +40,7 @@ def _state_step(run: Path) -> int:
 
 def test_sigkill_then_resume_equals_uninterrupted(synth: Path, tmp_path: Path, restore_determinism: None) -> None:
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count here and in the subprocess
     proc = subprocess.Popen([str(Path(sys.executable).parent / "proseg"), "train", "--data", str(synth), "--out",
                              str(killed), *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -56,8 +56,9 @@ def test_sigkill_then_resume_equals_uninterrupted(synth: Path, tmp_path: Path, r
     assert proc.returncode == -signal.SIGKILL
     at = _state_step(killed)
     assert 4 <= at < STEPS
-    ok("train", "--resume", killed)
-    ok("train", "--data", synth, "--out", tmp_path / "straight", *ARGS)
+    with threads(1):
+        ok("train", "--resume", killed)
+        ok("train", "--data", synth, "--out", tmp_path / "straight", *ARGS)
     a = load_file(str(killed / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyConvModel, toy_data
+from engine_helpers import TinyConvModel, toy_data
 
 from proseg.engine import checkpoint as ckpt
 from proseg.engine.config import load_config

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+from typer.testing import CliRunner
 
 from proseg.engine.evaluation import CaseData
 from proseg.engine.trainer import TrainData
@@ -82,3 +87,46 @@ def toy_data(n: int = 32, c: int = 1, r: int = 2, size: int = 16, seed: int = 0,
     meta = {"in_channels": c, "num_raters": r, "rater_names": [f"r{k}" for k in range(r)],
             "manifest_sha256": None, "preprocessing": {}}
     return TrainData(train, [f"case-{k}" for k in range(val)], load_case, meta)
+
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_FAST = ["train.batch_size=4", "train.log_every=1", "train.device=cpu", "train.val_every=1",
+              "train.max_val_cases=2", "train.val_num_samples=2", "optim.warmup_steps=0", "data.num_workers=0",
+              "model.preset=tiny"]
+
+
+def cli(*args: str) -> object:
+    """Run ``proseg ARGS`` in-process; returns the click Result (``exit_code``, ``output``, ``stderr``)."""
+    from proseg.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args: str) -> object:
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def fails(*args: str, match: str) -> str:
+    res = cli(*args)
+    out = res.output + (getattr(res, "stderr", "") or "")
+    assert res.exit_code == 2, out
+    assert "error:" in out and match in out, out
+    return out
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (float results can depend on the thread count, so a test that
+    compares this process with a subprocess runs both with the same count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
