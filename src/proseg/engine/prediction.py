@@ -110,9 +110,9 @@ def read_input(path: Path) -> InputCase:
                          is_vol)
     if kind == "png":
         arr = read_png(path)
+        if arr.dtype == np.bool_:  # 1-bit PNG
+            arr = arr.astype(np.uint8) * 255
         img = arr[None, None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)[:, None]  # (C, 1, H, W)
-        if arr.dtype == np.bool_:
-            arr = arr.astype(np.uint8)
         return InputCase(path, kind, img.astype(np.float32), str(arr.dtype), tuple(arr.shape[:2]))
     if kind == "hdf5":
         from proseg.data.io import hdf5_keys
@@ -153,6 +153,12 @@ def list_inputs(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.is_file() and input_kind(p) is not None)
     if not files:
         raise DataError(f"{path}: the folder holds no .nii/.nii.gz, .png or .h5 inputs")
+    seen: dict[str, Path] = {}
+    for f in files:  # each input gets OUTPUT/<stem>/
+        if stem(f) in seen:
+            raise DataError(f"{path}: inputs {seen[stem(f)].name} and {f.name} would both write to {stem(f)}/; "
+                            "rename one")
+        seen[stem(f)] = f
     return files
 
 
