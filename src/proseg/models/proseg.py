@@ -81,11 +81,12 @@ def sample_gamma(alpha: Tensor, generator: torch.Generator | None = None) -> Ten
     the drawn value, so ``g + (alpha - stop_grad(alpha)) * stop_grad(dg/dalpha)`` has the right value and gradient.
     (``torch.distributions`` ignores generators, hence this route.)
     """
-    g = _gamma_marsaglia_tsang(alpha, generator).to(alpha.dtype)
+    g_work = _gamma_marsaglia_tsang(alpha, generator)  # float32 (float64 for float64 alpha)
+    g = g_work.to(alpha.dtype)
     if not alpha.requires_grad:
         return g
     a = alpha.detach()
-    grad = torch._standard_gamma_grad(a.float(), g.float()).to(alpha.dtype)
+    grad = torch._standard_gamma_grad(a.to(g_work.dtype), g_work).to(alpha.dtype)
     return g + (alpha - a) * grad
 
 
