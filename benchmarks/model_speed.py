@@ -16,6 +16,9 @@ RSS) on random data: ``(B, C, size, size)`` images, R raters, all present. Colum
   diverse output), eval mode, ``inference_mode``; ``+1 sample``: ``(t(K=152) - t(K=52)) / 100``;
 * ``params``: parameter count (millions).
 
+The row ``backbone:resnet34_unet`` is a calibration point: a plain smp-style ResNet-34 U-Net with a 3x3 head
+and BCE (the issue's "plain ResNet-34 U-Net step"), so times can be compared across machines as ratios.
+
 The machine is shared: check ``uptime`` and report the load next to the numbers.
 """
 
@@ -51,6 +54,35 @@ def _bf16_isa() -> bool:
     return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
 
 
+def _PlainSegmenter(backbone: str, in_channels: int):  # noqa: N802 - a class factory (torch imported lazily)
+    import torch
+    import torch.nn.functional as F
+
+    from proseg.models.backbones import create_backbone
+
+    class PlainSegmenter(torch.nn.Module):
+        """Backbone + 3x3 conv to one logit, BCE against the first rater's mask; no sampling."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = create_backbone(backbone, in_channels)
+            self.head = torch.nn.Conv2d(self.net.out_channels, 1, 3, padding=1)
+
+        def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            logits = self.head(self.net(batch["image"]))
+            return {"loss": F.binary_cross_entropy_with_logits(logits, batch["masks"][:, :1])}
+
+        def param_groups(self, lr: float) -> list[dict[str, Any]]:
+            return [{"params": list(self.parameters()), "lr": lr}]
+
+        def sample_diverse(self, *args: Any, **kwargs: Any) -> None:
+            raise NotImplementedError("a plain segmenter has no samples")
+
+        sample_personalized = sample_diverse
+
+    return PlainSegmenter()
+
+
 def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     import resource
 
@@ -63,7 +95,10 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     name, _, preset = spec.partition(":")
     preset = preset or "default"
     torch.manual_seed(0)
-    model = create_model(name, in_channels=args.channels, num_raters=args.raters, preset=preset)
+    if name == "backbone":  # calibration row: a plain segmentation net (smp Unet-resnet34 with a 3x3 head + BCE)
+        model = _PlainSegmenter(preset, args.channels)
+    else:
+        model = create_model(name, in_channels=args.channels, num_raters=args.raters, preset=preset)
     res: dict[str, Any] = {"model": spec, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
                            "threads": torch.get_num_threads()}
     opt = torch.optim.Adam(model.param_groups(1e-4))  # torch's default (foreach) Adam, as the reference
@@ -144,8 +179,8 @@ def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=None,
-                   help="name[:preset] entries; default: every registered model's default preset, plus "
-                        "proseg:reference")
+                   help="name[:preset] entries (backbone:<backbone name> = plain segmenter); default: the "
+                        "plain ResNet-34 U-Net, every registered model's default preset, and proseg:reference")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--raters", type=int, default=4)
@@ -166,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.models is None:
         from proseg.models import list_models
 
-        args.models = [f"{n}:default" for n in list_models()] + ["proseg:reference"]
+        args.models = ["backbone:resnet34_unet"] + [f"{n}:default" for n in list_models()] + ["proseg:reference"]
     passthrough = ["--size", str(args.size), "--channels", str(args.channels), "--raters", str(args.raters),
                    "--steps", str(args.steps), "--sample-repeats", str(args.sample_repeats), "--batch-sizes",
                    *map(str, args.batch_sizes), "--threads", str(args.threads)]
