@@ -464,8 +464,9 @@ class Trainer:
                     if cfg.time_budget_s > 0:
                         stop = all_reduce_flag(self.elapsed >= cfg.time_budget_s)
                     if self.step % self.steps_per_epoch == 0:
-                        self.on_epoch_end(self.step // self.steps_per_epoch - 1)
-                    elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.on_epoch_end(self.step // self.steps_per_epoch - 1)  # validates + saves when due
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                            and self.last_val_step != self.step):
                         self.save_checkpoint()
                     now = time.time()  # wall clock: validation and checkpoints count too
                     self.elapsed += now - t_mark
