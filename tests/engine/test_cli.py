@@ -276,3 +276,20 @@ def test_demo_end_to_end_tiny(tmp_path: Path) -> None:
     stamp = (out / "data" / "manifest.json").stat().st_mtime_ns
     run_demo(out, minutes=0.02, cases=24, eval_cases=1, num_samples=1, batch_size=4, parallel=False)
     assert (out / "data" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_dpersona_stage_two_starts_from_stage_one(synth: Path, tmp_path: Path) -> None:
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    ok("train", "-c", REPO / "configs" / "synthetic" / "dpersona_stage1.yaml", "--data", synth, "--out", s1,
+       *TRAIN_FAST, "train.max_steps=1")
+    assert json.loads((s1 / "val.jsonl").read_text().splitlines()[-1])["mode"] == "diverse"
+    ok("train", "-c", REPO / "configs" / "synthetic" / "dpersona_stage2.yaml", "--data", synth, "--out", s2,
+       *TRAIN_FAST, "train.max_steps=1", f"model.init_from={s1}")
+    # stage 2 has trained: validation (and evaluation) use the personalized output
+    assert json.loads((s2 / "val.jsonl").read_text().splitlines()[-1])["mode"] == "personalized"
+    a = load_model(s1 / "checkpoints" / "last").state_dict()
+    b = load_model(s2 / "checkpoints" / "last").state_dict()
+    frozen = [k for k in a if "prior" in k and k.endswith("weight")]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)  # stage 1 weights carried over, frozen
+    fails("train", "-c", REPO / "configs" / "synthetic" / "prob_unet.yaml", "--data", synth, "--out",
+          tmp_path / "bad", *TRAIN_FAST, "train.max_steps=1", f"model.init_from={s1}", match="do not fit")

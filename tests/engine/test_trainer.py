@@ -178,3 +178,16 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path: Path) -> None:
     assert s["steps"] == 2 and math.isfinite(s["last"]["loss"])
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         _trainer(tmp_path / "fp16", ["train.max_steps=2", "train.precision=fp16"])
+
+
+def test_checkpoint_every_also_saves_at_epoch_ends_without_validation(tmp_path: Path) -> None:
+    class CrashAt5(Trainer):
+        def on_train_step_end(self, out: dict) -> None:
+            if self.step == 5:
+                raise Crash
+
+    torch.manual_seed(0)
+    cfg = load_config(None, BASE + ["train.epochs=3", "train.checkpoint_every=2", "train.val_every=100"])
+    with pytest.raises(Crash):
+        CrashAt5(cfg, tmp_path / "run", data=toy_data(), model=TinyConvModel(1, 2)).fit()
+    assert torch.load(tmp_path / "run" / ckpt.LAST_DIR / ckpt.STATE_NAME, weights_only=True)["step"] == 4
