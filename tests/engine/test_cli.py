@@ -83,8 +83,8 @@ def _inputs(synth: Path, d: Path) -> dict[str, Path]:
     nib.save(nib.Nifti1Image(img.astype(np.float32), aff), d / "slice.nii.gz")
     vol = np.stack([np.asarray(store.images[i, 0]) for i in range(3)], axis=-1)
     nib.save(nib.Nifti1Image(vol.astype(np.float32), aff), d / "vol.nii.gz")
-    Image.fromarray(np.linspace(0, 255, 40 * 40).reshape(40, 40).astype(np.uint8)).save(d / "slice.png")
-    return {"slice": d / "slice.nii.gz", "vol": d / "vol.nii.gz", "png": d / "slice.png", "aff": aff}  # type: ignore
+    Image.fromarray(np.linspace(0, 255, 40 * 40).reshape(40, 40).astype(np.uint8)).save(d / "photo.png")
+    return {"slice": d / "slice.nii.gz", "vol": d / "vol.nii.gz", "png": d / "photo.png", "aff": aff}  # type: ignore
 
 
 def test_predict_nifti_and_png(proseg_run: Path, synth: Path, tmp_path: Path) -> None:
@@ -116,7 +116,9 @@ def test_predict_nifti_and_png(proseg_run: Path, synth: Path, tmp_path: Path) ->
     assert png.shape == (40, 40) and set(np.unique(png)) <= {0, 255}
     # a folder of inputs: one sub-folder per input
     ok("predict", proseg_run, tmp_path / "in", tmp_path / "pred_all", "--samples", "1")
-    assert {p.name for p in (tmp_path / "pred_all").iterdir()} == {"slice", "vol", "prediction.json"}
+    assert {p.name for p in (tmp_path / "pred_all").iterdir()} == {"photo", "slice", "vol", "prediction.json"}
+    shutil.copyfile(inp["png"], tmp_path / "in" / "slice.png")  # slice.png and slice.nii.gz -> both slice/
+    fails("predict", proseg_run, tmp_path / "in", tmp_path / "pred_clash", match="would both write")
 
 
 def test_score_the_predictions(proseg_run: Path, synth: Path, tmp_path: Path) -> None:
