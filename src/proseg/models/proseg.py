@@ -570,8 +570,8 @@ class ProSeg(MultiRaterModel):
             per = -(-K // R)
             tau = self._prior_tau((lead, R, per), generator, mu)
             out = self._per_rater_samples(mu, logvar, tau, generator).reshape(B, R * per, *mu.shape[2:4])
-            counts = [K // R + (1 if r < K % R else 0) for r in range(R)]
-            keep = torch.tensor([r * per + j for r in range(R) for j in range(counts[r])], device=mu.device)
+            counts = K // R + (torch.arange(R, device=mu.device) < K % R).long()  # (R,)
+            keep = (torch.arange(per, device=mu.device)[None, :] < counts[:, None]).reshape(-1).nonzero()[:, 0]
             return out.index_select(1, keep)
         tau = self._prior_tau((lead, K), generator, mu)  # (lead, K, D)
         if self.diverse_rater == "argmax":
