@@ -12,7 +12,7 @@ slices where at least one rater left the slice empty.
     proseg prepare qubiq ../shared/data/qubiq-brain-growth data/qubiq
     python benchmarks/quality.py --dataset qubiq --data data/qubiq --out bench/qubiq --budget-min 5
 
-Models are given as ``label=name[:preset][,key=value...]`` (``--models``) or taken from the default list.
+Models are given as ``label=name[:preset][|key=value...]`` (``--models``) or taken from the default list.
 Training and evaluation run as ``proseg train`` / ``proseg evaluate`` child processes, whose wall time and peak
 RSS (``os.wait4``) are recorded. Re-running skips runs that already finished (``--retrain`` to redo them).
 Writes ``results.json`` and ``results.md`` into ``--out``.
@@ -77,11 +77,11 @@ def proseg_cmd(*args: str) -> list[str]:
 
 
 def parse_model(spec: str) -> tuple[str, str, str, list[str]]:
-    """``label=name[:preset][,key=value...]`` -> (label, name, preset, overrides)."""
+    """``label=name[:preset][|key=value...]`` -> (label, name, preset, overrides)."""
     label, _, rest = spec.partition("=")
     if not rest:
         label, rest = spec.split(":")[0], spec
-    head, *overrides = rest.split(",")
+    head, *overrides = rest.split("|")
     name, _, preset = head.partition(":")
     return label, name, preset or "default", overrides
 
@@ -259,7 +259,7 @@ def main() -> None:
                     help="selects configs/<dataset>/<model>.yaml")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset (proseg prepare)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="label=name[:preset][,key=value...]")
+    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="label=name[:preset][|key=value...]")
     ap.add_argument("--budget-min", type=float, default=15.0, help="training wall-clock budget per model")
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--samples", type=int, nargs="*", default=[16, 50], help="K values for evaluation")

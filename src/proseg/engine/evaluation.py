@@ -18,7 +18,6 @@ and counted.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,22 +213,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return v
-
-
-def summarize(records: Sequence[dict[str, Any]], mode: str, convention: str) -> dict[str, dict[str, float]]:
-    """Mean, std (ddof=0) and count over cases of every scalar key, for one (mode, convention)."""
-    rows = [r for r in records if r["mode"] == mode and r["convention"] == convention]
-    out: dict[str, dict[str, float]] = {}
-    if not rows:
-        return out
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in ("num_labels", "num_predictions")]
-    for k in keys:
-        vals = np.array([float(r[k]) for r in rows if isinstance(r.get(k), (int, float))], dtype=np.float64)
-        finite = vals[np.isfinite(vals)]
-        out[k] = {"mean": float(finite.mean()) if finite.size else math.nan,
-                  "std": float(finite.std()) if finite.size else math.nan, "n": int(finite.size)}
-    return out
 
 
 def selection_score(summary: dict[str, dict[str, float]], metric: str) -> tuple[float, bool]:

@@ -49,10 +49,11 @@ from proseg.engine.distributed import (
     is_dist,
     resolve_device,
 )
-from proseg.engine.evaluation import CaseData, evaluate_cases, resolve_modes, selection_score, summarize
+from proseg.engine.evaluation import CaseData, evaluate_cases, resolve_modes, selection_score
 from proseg.engine.logger import RunLogger
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.schedule import build_optimizer, lr_factor, set_lr
+from proseg.metrics.aggregate import aggregate
 from proseg.models.base import MultiRaterModel
 
 
@@ -384,7 +385,7 @@ class Trainer:
             conventions=("standard",), estimator="v", seed=self.cfg.train.seed, batch_size=self.cfg.eval.batch_size,
             rank=self.dist.rank, world_size=self.dist.world_size)
         mode = modes[0]
-        summary = summarize(records, mode, "standard")
+        summary = aggregate([r for r in records if r["mode"] == mode and r["convention"] == "standard"])["metrics"]
         score, higher = selection_score(summary, self.cfg.train.val_metric)
         return {"summary": summary, "score": score, "higher_is_better": higher, "mode": mode,
                 "cases": len(cases), "seconds": time.time() - t0}

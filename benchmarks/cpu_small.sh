@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The CPU-scale benchmark behind docs/results.md: every model on one small U-Net scale (widths 16-32-64-128),
+# ProSeg's reference architecture beside it, equal wall-clock budgets, one thread per process.
+# Usage: benchmarks/cpu_small.sh DATA_ROOT OUT_ROOT   (DATA_ROOT holds the prepared lidc/ and qubiq/ stores)
+set -euo pipefail
+data=${1:?prepared data root}; out=${2:?output root}
+py=${PYTHON:-python}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+small='model.args.backbone=unet|model.args.backbone_cfg={widths: [16, 32, 64, 128]}'
+models=(
+  "proseg-small=proseg:default|$small|model.args.rater_sampling=one"
+  "proseg-small+all=proseg:default|$small|model.args.rater_sampling=all"
+  "proseg-reference=proseg:reference"
+  "prob_unet=prob_unet|$small"
+  "phiseg=phiseg|model.args.backbone_cfg={widths: [16, 32, 64, 128, 128]}|model.args.latent_levels=3"
+  "pionono=pionono|$small"
+  "dpersona=dpersona|$small"
+  "cm_global=cm_global|$small"
+  "cm_pixel=cm_pixel|$small"
+)
+common=(--samples 16 --workers 0 --figures 2 --override optim.lr=1e-3 optim.warmup_steps=10)
+case "${3:-both}" in
+  qubiq|both) "$py" benchmarks/quality.py --dataset qubiq --data "$data/qubiq" --out "$out/qubiq" --budget-min 2 \
+      "${common[@]}" train.val_every=5 train.batch_size=8 --models "${models[@]}" ;;&
+  lidc|both) "$py" benchmarks/quality.py --dataset lidc --data "$data/lidc" --out "$out/lidc" --budget-min 5 \
+      --max-test-cases 300 --max-val-cases 60 "${common[@]}" train.batch_size=16 \
+      --models "${models[0]}" "${models[2]}" "${models[3]}" "${models[5]}" ;;
+esac
