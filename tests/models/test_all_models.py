@@ -122,6 +122,24 @@ def test_rater_present_masking(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_loss_randomness_comes_from_the_generator(name: str) -> None:
+    """Equally seeded generators give the same loss; the global RNG is neither used nor advanced."""
+    model = make_model(name, 1, 3).train()
+    batch = make_batch(1, 3)
+
+    def loss_with(seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.loss(batch, generator=torch.Generator().manual_seed(seed))["loss"]
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = loss_with(7)
+    assert torch.equal(torch.get_rng_state(), state), f"{name}: loss(generator=...) touched the global RNG"
+    torch.manual_seed(99)  # a different global state must not matter
+    torch.testing.assert_close(loss_with(7), first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_save_load_round_trip(name: str, tmp_path) -> None:
     R, C = 2, 3
     model = make_model(name, C, R)

@@ -54,8 +54,12 @@ class MultiRaterModel(nn.Module):
         self.num_raters = num_raters
 
     # --- the API -------------------------------------------------------------------------------------
-    def loss(self, batch: Batch) -> dict[str, Tensor]:
-        """Training objective. Returns ``{"loss": scalar, <term>: scalar, ...}`` (terms detached or not)."""
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Training objective. Returns ``{"loss": scalar, <term>: scalar, ...}`` (terms detached or not).
+
+        All randomness of the step (latent draws, the rater chosen per image) comes from ``generator``, or from
+        the global RNG when it is None, so a seeded generator makes the loss reproducible.
+        """
         raise NotImplementedError
 
     def sample_personalized(

@@ -430,11 +430,12 @@ class ProSeg(MultiRaterModel):
         return sample_dirichlet(alpha, generator)
 
     # --- training -----------------------------------------------------------------------------------------------
-    def loss(self, batch: Batch) -> dict[str, Tensor]:
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Negative ELBO + L2, averaged over the (image, rater) pairs that are used and present.
 
         Returns ``loss`` and the terms ``seg``, ``kl_tau``, ``kl_z``, ``ce``, ``recon``, ``l2`` (undetached).
-        Randomness (the rater choice with ``rater_sampling="one"``, tau and Z) comes from the global RNG.
+        Randomness (the rater choice with ``rater_sampling="one"``, tau and Z) comes from ``generator`` (the
+        global RNG when None).
         """
         image, masks, present = self._check_batch(batch)
         B, R = masks.shape[:2]
@@ -444,7 +445,10 @@ class ProSeg(MultiRaterModel):
             # one present rater per image, uniformly; an image without any present rater gets weight 0
             probs = present.to(image.dtype)
             probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, torch.ones_like(probs))
-            raters = torch.multinomial(probs, 1)  # (B, 1)
+            if generator is not None and generator.device != probs.device:
+                raters = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+            else:
+                raters = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             weight = present.gather(1, raters).to(image.dtype)
             target = masks.gather(1, raters[:, :, None, None].expand(B, 1, H, W))
             rater_idx = raters
@@ -459,14 +463,14 @@ class ProSeg(MultiRaterModel):
 
         conc = self.tau.concentration().to(image.dtype)  # (R, D)
         alpha = conc[rater_idx]  # (B, S, D)
-        tau = sample_dirichlet(alpha)
+        tau = sample_dirichlet(alpha, generator)
         kl_tau = (dirichlet_kl(alpha, self.alpha0) * weight).sum() / wsum
         ce_pairs = F.cross_entropy(self.tau.classifier(tau).reshape(B * S, -1), rater_idx.reshape(-1),
                                    reduction="none")
         ce = (ce_pairs * weight.reshape(-1)).sum() / wsum
 
         mu, logvar = self._stats(feats, stat_raters)  # (B, S, H, W, Zc)
-        eps = torch.randn_like(mu)
+        eps = _draw("normal", mu.shape, generator, mu)
         z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps)
         kl_z_pairs = gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4))
         kl_z = (kl_z_pairs * weight).sum() / wsum
