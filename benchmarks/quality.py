@@ -285,10 +285,16 @@ def main() -> None:
                 train_stats[label] = json.loads(f.read_text())
             continue
         print(f"[{time.strftime('%H:%M:%S')}] train {label} ({name}:{preset}) for {args.budget_min} min", flush=True)
-        train_stats[label] = train_model(args, label, name, preset, overrides, args.budget_min * 60)
-        for k in args.samples:
-            print(f"[{time.strftime('%H:%M:%S')}] evaluate {label} K={k}", flush=True)
-            evaluate_model(args, label, k)
+        try:
+            train_stats[label] = train_model(args, label, name, preset, overrides, args.budget_min * 60)
+            for k in args.samples:
+                print(f"[{time.strftime('%H:%M:%S')}] evaluate {label} K={k}", flush=True)
+                evaluate_model(args, label, k)
+        except RuntimeError as exc:  # one model failing (e.g. diverging) must not stop the others
+            print(f"[{time.strftime('%H:%M:%S')}] {label} FAILED: {exc}", flush=True)
+            train_stats[label] = {"label": label, "model": name, "preset": preset, "failed": str(exc)[:2000],
+                                  "budget_s": args.budget_min * 60, "wall_s": math.nan,
+                                  "peak_rss_mib": math.nan}
 
     results: dict[str, Any] = {"dataset": args.dataset, "data": str(args.data), "fold": args.fold,
                                "budget_min": args.budget_min, "samples": args.samples,
@@ -316,6 +322,9 @@ def main() -> None:
     md.append("\n### Training cost\n\n| model | budget (s) | wall (s) | steps | peak RSS (MiB) |")
     md.append("|---|---|---|---|---|")
     for label, st in train_stats.items():
+        if "failed" in st:
+            md.append(f"| {label} | {st['budget_s']:.0f} | failed: {st['failed'].splitlines()[-1][:120]} | – | – |")
+            continue
         md.append(f"| {label} | {st['budget_s']:.0f} | {st['wall_s']:.0f} | {st.get('steps')} | "
                   f"{st['peak_rss_mib']:.0f} |")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

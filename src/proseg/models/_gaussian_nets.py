@@ -135,7 +135,10 @@ class AxisAlignedConvGaussian(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.encoder(x).mean(dim=(2, 3), keepdim=True)
         mu, log_sigma = self.head(h).flatten(1).chunk(2, dim=1)
-        return mu, 2.0 * log_sigma
+        # Bound sigma to [e^-8, e^8]: an unbounded log-sigma lets exp() overflow in the KL at larger learning
+        # rates (the NaN KL users of the PyTorch Prob. U-Net port report); the bound is far outside the values a
+        # trained model uses, so it only removes the overflow.
+        return mu, 2.0 * log_sigma.clamp(-8.0, 8.0)
 
 
 class Fcomb(nn.Module):
