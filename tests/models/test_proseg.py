@@ -278,3 +278,17 @@ def test_personalized_samples_differ_between_raters_and_draws() -> None:
         out = model.sample_personalized(torch.randn(1, 1, H, W), 2, torch.Generator().manual_seed(0))
     assert not torch.allclose(out[0, 0, 0], out[0, 0, 1])
     assert not torch.allclose(out[0, 0, 0], out[0, 1, 0])
+
+
+def test_z_logvar_init_sets_the_initial_posterior_spread() -> None:
+    torch.manual_seed(0)
+    base = create_model("proseg", in_channels=1, num_raters=2, preset="tiny")
+    torch.manual_seed(0)
+    low = create_model("proseg", in_channels=1, num_raters=2, preset="tiny", z_logvar_init=-4.0)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        _, lv_base = base._stats(base._features(x), None)
+        _, lv_low = low._stats(low._features(x), None)
+    # same weights, the bias of the log-variance channels moved by -4 minus its default value
+    assert lv_low.mean().item() < lv_base.mean().item() - 3.0
+    assert torch.equal(low.stat_heads.biases[-1][:, :4], base.stat_heads.biases[-1][:, :4])  # mu untouched

@@ -302,6 +302,10 @@ class ProSeg(MultiRaterModel):
         diverse_rater: with ``prior_classifier``, ``"argmax"`` or ``"sample"`` the rater from p(r|tau).
         latent_lr: learning rate of the tau module (concentrations + classifier) in :meth:`param_groups`; None = lr.
         channels_last: run convolutions in channels-last memory format (faster on CPU).
+        z_logvar_init: initial bias of the statistic heads' log-variance outputs (None: the convolution default,
+            logvar ~ 0, so Z starts as unit noise around mu and the head first sees mostly noise). A negative value
+            (e.g. -4) starts Z close to mu, so the segmentation head learns from the features at once and the KL
+            term widens q(Z|x,r) as training goes.
     """
 
     supports_personalized = True
@@ -371,6 +375,7 @@ class ProSeg(MultiRaterModel):
         diverse_rater: str = "argmax",
         latent_lr: float | None = 2e-3,
         channels_last: bool = False,
+        z_logvar_init: float | None = None,
     ) -> None:
         super().__init__(in_channels, num_raters)
         if rater_sampling not in ("one", "all"):
@@ -400,6 +405,9 @@ class ProSeg(MultiRaterModel):
         feat = int(self.backbone.out_channels)
         self.tau = TauPosterior(num_raters, tau_dim, classifier_hidden)
         self.stat_heads = RaterConvStack(num_raters, (feat, *stat_hidden, 2 * z_channels), shared_input=True)
+        if z_logvar_init is not None:
+            with torch.no_grad():
+                self.stat_heads.biases[-1][:, z_channels:] = float(z_logvar_init)
         self.remap_heads = RaterConvStack(num_raters, (z_channels, *remap_hidden, remap_channels), shared_input=False)
         if recon_decoder == "backbone":
             self.recon: nn.Module = BackboneReconDecoder(
