@@ -8,6 +8,7 @@ py=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 small='model.args.backbone=unet|model.args.backbone_cfg={widths: [16, 32, 64, 128]}'
 models=(
+  "proseg-default=proseg:default"
   "proseg-small=proseg:default|$small|model.args.rater_sampling=one"
   "proseg-small+all=proseg:default|$small|model.args.rater_sampling=all"
   "proseg-reference=proseg:reference"
@@ -17,12 +18,16 @@ models=(
   "dpersona=dpersona|$small"
   "cm_global=cm_global|$small"
   "cm_pixel=cm_pixel|$small"
+  "proseg-small+logvar-4=proseg:default|$small|model.args.rater_sampling=one|model.args.z_logvar_init=-4"
+  "proseg-default+logvar-4=proseg:default|model.args.z_logvar_init=-4"
 )
 common=(--samples 16 --workers 0 --figures 2 --override optim.lr=1e-3 optim.warmup_steps=10)
+# Re-running skips finished runs; add --only-tables (as a 4th argument) to rebuild results.md from what exists.
+extra=("${@:4}")
 case "${3:-both}" in
   qubiq|both) "$py" benchmarks/quality.py --dataset qubiq --data "$data/qubiq" --out "$out/qubiq" --budget-min 2 \
-      "${common[@]}" train.val_every=5 train.batch_size=8 --models "${models[@]}" ;;&
+      "${common[@]}" train.val_every=5 train.batch_size=8 --models "${models[@]}" "${extra[@]}" ;;&
   lidc|both) "$py" benchmarks/quality.py --dataset lidc --data "$data/lidc" --out "$out/lidc" --budget-min 5 \
       --max-test-cases 300 --max-val-cases 60 "${common[@]}" train.batch_size=16 \
-      --models "${models[0]}" "${models[2]}" "${models[3]}" "${models[5]}" ;;
+      --models "${models[1]}" "${models[3]}" "${models[4]}" "${models[6]}" "${models[10]}" "${extra[@]}" ;;
 esac
