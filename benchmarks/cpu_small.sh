@@ -29,5 +29,6 @@ case "${3:-both}" in
       "${common[@]}" train.val_every=5 train.batch_size=8 --models "${models[@]}" "${extra[@]}" ;;&
   lidc|both) "$py" benchmarks/quality.py --dataset lidc --data "$data/lidc" --out "$out/lidc" --budget-min 5 \
       --max-test-cases 300 --max-val-cases 60 "${common[@]}" train.batch_size=16 \
-      --models "${models[1]}" "${models[3]}" "${models[4]}" "${models[6]}" "${models[10]}" "${extra[@]}" ;;
+      --models "${models[1]}" "${models[3]}" "${models[4]}" "${models[6]}" "${models[7]}" "${models[8]}" "${models[10]}" \
+      "${extra[@]}" ;;
 esac
