@@ -38,6 +38,7 @@ from proseg.data.readers.base import CaseRef
 from proseg.data.splits import make_splits
 from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, sha256_file
 from proseg.data.types import DataError
+from proseg.fsutil import swap_in_dir
 
 FORMATS = (*READERS, "synthetic")
 
@@ -316,13 +317,7 @@ def prepare(
             "files": files,
         }
         _write_json(tmp / "manifest.json", manifest)
-        if out.exists():  # --force: swap in the new folder, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

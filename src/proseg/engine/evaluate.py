@@ -24,6 +24,7 @@ from proseg.data.types import DataError
 from proseg.engine import checkpoint as ckpt
 from proseg.engine.distributed import barrier, env_dist_info, init_distributed, resolve_device
 from proseg.engine.evaluation import MODES, evaluate_cases, resolve_modes, supports
+from proseg.fsutil import swap_in_dir
 
 
 def _safe_name(case_id: str) -> str:
@@ -185,13 +186,7 @@ def evaluate_checkpoint(
                     case_figure(tmp / "figures" / f"{_safe_name(cid)}.png", k["image"], k["masks"], k["present"],
                                 personalized=k.get("personalized"), diverse=k.get("diverse"),
                                 title=f"{name} | {cid} | K={num_samples}", rater_names=store.rater_names)
-            if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-                os.replace(out_dir, old / "x")
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
+            swap_in_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from proseg.data.types import DataError
 from proseg.engine.evaluation import case_generator, sample_volume, supports
 from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
+from proseg.fsutil import swap_in_dir
 
 NIFTI_EXT = (".nii.gz", ".nii")
 PNG_EXT = (".png",)
@@ -388,13 +389,7 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
             written = write_case(case, maps, dest, rater_names, save_samples)
             report["inputs"][str(f)] = {"output": str(out if single else out / stem(f)), "files": written}
         (tmp / "prediction.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        if out.exists():  # --force: swap the new folder in, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,13 +16,14 @@ values used is reported beside each mean.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from proseg.fsutil import atomic_write_text
 from proseg.metrics.case import LIST_KEYS, SCALAR_KEYS
 from proseg.metrics.dice import DEFAULT_THRESHOLDS, check_thresholds
 
@@ -134,21 +135,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 def _atomic_write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buf.getvalue())
 
 def _cell(v: Any) -> Any:
     if isinstance(v, float):

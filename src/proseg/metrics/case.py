@@ -49,21 +49,7 @@ SCALAR_KEYS: tuple[str, ...] = (
 )
 LIST_KEYS: tuple[str, ...] = ("dice_per_rater_matched", "dice_per_rater")
 INFO_KEYS: tuple[str, ...] = ("convention", "estimator", "num_labels", "num_predictions")
-RECORD_KEYS: tuple[str, ...] = (
-    "ged",
-    "ged_cross",
-    "ged_labels",
-    "ged_preds",
-    "dice_soft",
-    "dice_max",
-    "dice_max_reverse",
-    "dice_match",
-    "dice_per_rater_matched",
-    "dice_per_rater",
-    "ci_score",
-    "s_ncc",
-    *INFO_KEYS,
-)
+RECORD_KEYS: tuple[str, ...] = (*SCALAR_KEYS[:8], *LIST_KEYS, *SCALAR_KEYS[8:], *INFO_KEYS)
 """Every key a record can have, in output order (``dice_per_rater`` only when M == N)."""
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from proseg.fsutil import atomic_write_bytes
 
 Batch = dict[str, Tensor]
 
@@ -118,21 +119,6 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(model: nn.Module, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (the ``create_model`` config) into ``directory``.
 
@@ -150,9 +136,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], extra: dict[
         raise ValueError("model has no init_config: build it with proseg.models.create_model")
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / WEIGHTS_NAME, st_save(state))
+    atomic_write_bytes(directory / WEIGHTS_NAME, st_save(state))
     meta = {"model": cfg, "proseg_version": proseg.__version__, **(extra or {})}
-    _atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
     return directory
 
 
