@@ -129,13 +129,26 @@ def count_steps(run: Path) -> int | None:
     return max(steps) if steps else None
 
 
+def personalized_at(args: argparse.Namespace, k: int) -> bool:
+    """Whether K is also evaluated in personalized mode (``--personalized-k``; every K when not given)."""
+    return args.personalized_k is None or k in args.personalized_k
+
+
 def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
     out = args.out / "eval" / f"{label}-K{k}"
     if (out / "metrics.json").is_file() and not args.retrain:
         return out
+    mode = "auto" if personalized_at(args, k) else "diverse"
+    if mode == "diverse":  # a model without diverse output has nothing to score at this K
+        from proseg.engine.evaluation import supports
+        from proseg.models import load_model
+
+        if not supports(load_model(args.out / "runs" / label / "checkpoints" / "best"), "diverse"):
+            return out
     run_child(proseg_cmd("evaluate", str(args.out / "runs" / label), "--data", str(args.data), "--split", "test",
-                         "--fold", str(args.fold), "--mode", "auto", "--samples", str(k), "--convention", "both",
+                         "--fold", str(args.fold), "--mode", mode, "--samples", str(k), "--convention", "both",
                          "--figures", str(args.figures), "--max-cases", str(args.max_test_cases),
+                         "--case-stride", str(args.test_stride),
                          "--out", str(out), "--force"),
               args.out / "logs" / f"{label}-eval-K{k}.log")
     return out
@@ -143,9 +156,10 @@ def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
 
 # --------------------------------------------------------------------------------------------------------------
 # floors and ceiling, computed here on the same test cases
-def test_cases(store: Any, fold: int, max_cases: int) -> list[tuple[str, np.ndarray]]:
+def test_cases(store: Any, fold: int, max_cases: int, stride: int) -> list[tuple[str, np.ndarray]]:
+    """The test cases ``proseg evaluate --case-stride stride --max-cases max_cases`` scores, in its order."""
     groups = store.volume_rows(store.rows(fold, "test"))
-    items = list(groups.items())
+    items = list(groups.items())[::stride]
     return items[:max_cases] if max_cases else items
 
 
@@ -158,7 +172,7 @@ def floors_and_ceiling(args: argparse.Namespace, store: Any, k: int) -> list[dic
         np.asarray(store.masks[np.sort(train_rows)], dtype=np.float32).mean(axis=(0, 1))
     )  # (H, W): the training-set mean over slices and raters
     records: list[dict[str, Any]] = []
-    for case_id, rows in test_cases(store, args.fold, args.max_test_cases):
+    for case_id, rows in test_cases(store, args.fold, args.max_test_cases, args.test_stride):
         masks = torch.from_numpy(np.array(store.masks[np.sort(rows)], dtype=bool))  # (D, R, H, W)
         present = np.asarray(store.rater_present[rows[0]], dtype=bool)
         labels = masks[:, present].permute(1, 0, 2, 3)  # (N, D, H, W)
@@ -264,6 +278,10 @@ def main() -> None:
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--samples", type=int, nargs="*", default=[16, 50], help="K values for evaluation")
     ap.add_argument("--max-test-cases", type=int, default=0, help="evaluate the first N test cases (0 = all)")
+    ap.add_argument("--test-stride", type=int, default=1,
+                    help="evaluate every N-th test case, a systematic sample over all test patients (1 = all)")
+    ap.add_argument("--personalized-k", type=int, nargs="*", default=None,
+                    help="K values also scored in personalized mode (default: every K); other K: diverse only")
     ap.add_argument("--max-val-cases", type=int, default=0, help="validation cases per model selection (0 = all)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per training run")
     ap.add_argument("--figures", type=int, default=3)
@@ -298,7 +316,8 @@ def main() -> None:
 
     results: dict[str, Any] = {"dataset": args.dataset, "data": str(args.data), "fold": args.fold,
                                "budget_min": args.budget_min, "samples": args.samples,
-                               "max_test_cases": args.max_test_cases, "train": train_stats,
+                               "max_test_cases": args.max_test_cases, "test_stride": args.test_stride,
+                               "personalized_k": args.personalized_k, "train": train_stats,
                                "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
                                "tables": {}}
     md = [f"# {args.dataset}: fold {args.fold}, {args.budget_min:g} min per model\n"]
@@ -315,6 +334,8 @@ def main() -> None:
         for conv in ("standard", "reference"):
             for subset in subsets:
                 for mode, keys in (("diverse", DIVERSE_KEYS), ("personalized", PERSONAL_KEYS)):
+                    if mode == "personalized" and not personalized_at(args, k):
+                        continue
                     title = f"K={k}, {mode}, {conv} convention, {subset} slices"
                     t = table(records, mode, conv, keys, subset, flags, order)
                     results["tables"][title] = t

@@ -74,6 +74,22 @@ def test_evaluate_writes_metrics_cases_and_figures(proseg_run: Path, synth: Path
     assert json.loads((out / "metrics.json").read_text())["results"] == m["results"]
 
 
+def test_evaluate_case_stride_takes_every_nth_case_with_the_same_scores(proseg_run: Path, synth: Path,
+                                                                       tmp_path: Path) -> None:
+    full, strided = tmp_path / "full", tmp_path / "strided"
+    common = ("--data", synth, "--split", "test", "--samples", "2", "--mode", "diverse", "--figures", "0")
+    ok("evaluate", proseg_run, *common, "--out", full)
+    ok("evaluate", proseg_run, *common, "--out", strided, "--case-stride", "2")
+    rows_full = (full / "cases.csv").read_text().splitlines()
+    rows_strided = (strided / "cases.csv").read_text().splitlines()
+    meta = json.loads((strided / "metrics.json").read_text())
+    n_full = json.loads((full / "metrics.json").read_text())["num_cases"]
+    assert meta["case_stride"] == 2 and meta["num_cases"] == (n_full + 1) // 2
+    # one row per case and convention: the strided run holds exactly the even-indexed cases, scored identically
+    assert rows_strided[0] == rows_full[0]
+    assert rows_strided[1:] == [r for i, r in enumerate(rows_full[1:]) if i % 2 == 0]
+
+
 def _inputs(synth: Path, d: Path) -> dict[str, Path]:
     store = open_store(synth)
     img = np.asarray(store.images[0, 0])  # z-scored float

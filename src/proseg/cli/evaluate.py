@@ -29,6 +29,8 @@ def evaluate(
     figures: Optional[int] = typer.Option(None, "--figures", help="Figures for this many cases [4]."),  # noqa: UP045
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Slices per forward pass [32]."),  # noqa: UP045
     max_cases: int = typer.Option(0, "--max-cases", help="Evaluate only the first N cases (0 = all)."),
+    case_stride: int = typer.Option(
+        1, "--case-stride", help="Evaluate every N-th case (a systematic sample of all patients); before --max-cases."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
@@ -52,7 +54,7 @@ def evaluate(
         report = evaluate_checkpoint(checkpoint, data, split=split, fold=fold, out=out, modes=modes,
                                      num_samples=samples, conventions=conventions, estimator=estimator, seed=seed,
                                      num_figures=figures, batch_size=batch_size, device=device, force=force,
-                                     max_cases=max_cases)
+                                     max_cases=max_cases, case_stride=case_stride)
         from proseg.engine.distributed import env_dist_info
 
         if env_dist_info().is_main:

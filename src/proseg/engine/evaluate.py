@@ -55,6 +55,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     force: bool = False,
     max_cases: int = 0,
+    case_stride: int = 1,
 ) -> dict[str, Any]:
     """Evaluate; returns the ``metrics.json`` content (on every rank). See the module docstring.
 
@@ -125,6 +126,9 @@ def evaluate_checkpoint(
         raise ValueError(f"--fold {fold}: {store.path} has {store.num_folds} folds")
     load_case, cases_of = case_loader(store)
     cases = cases_of(store.rows(fold, split))
+    if case_stride < 1:
+        raise ValueError(f"case_stride must be >= 1, got {case_stride}")
+    cases = cases[::case_stride]  # a systematic sample over all patients, before max_cases
     if max_cases:
         cases = cases[:max_cases]
     if not cases:
@@ -153,6 +157,8 @@ def evaluate_checkpoint(
         "split": split,
         "fold": fold,
         "num_cases": len(cases),
+        "case_stride": case_stride,
+        "max_cases": max_cases,
         "skipped_cases_without_labels": skipped,
         "modes": use_modes,
         "num_samples": num_samples,
