@@ -43,6 +43,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden work folder ``parent/.name.tmp-XXXX`` for :func:`swap_in_dir`, readable by others (0755).
+
+    ``mkdtemp`` creates 0700, and the folder is renamed into place, so without this a prepared dataset or an
+    evaluation would be unreadable by the rest of a team sharing it.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o755)
+    return tmp
+
+
 def swap_in_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``; an existing ``out`` (``--force``) is replaced only after the
     new folder is in place, so a failure never leaves ``out`` half-written."""

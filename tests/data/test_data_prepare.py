@@ -84,6 +84,7 @@ def test_prepare_refuses_existing_out_and_force_replaces(tmp_path: Path) -> None
     assert res.exit_code == 1 and "already exists (use --force" in res.output
     _run("prepare", "lidc-kaggle", src, out, "--folds", "2", "--force", "-q")
     assert open_store(out).manifest["counts"]["rows"] == 4
+    assert out.stat().st_mode & 0o777 == 0o755  # a shared dataset stays readable by the team (mkdtemp gives 0700)
     assert _leftovers(tmp_path) == []
 
 

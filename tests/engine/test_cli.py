@@ -68,6 +68,9 @@ def test_evaluate_writes_metrics_cases_and_figures(proseg_run: Path, synth: Path
     lines = (out / "cases.csv").read_text().splitlines()
     assert len(lines) == 1 + 3 * 2 * 2
     assert len(list((out / "figures").glob("*.png"))) == 1
+    # readable by the rest of a team: mkdtemp/mkstemp would leave 0700 / 0600
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert next((out / "figures").glob("*.png")).stat().st_mode & 0o777 == 0o644
     # the same numbers again (per-case generators seeded from (seed, case_id))
     ok("evaluate", proseg_run, "--data", synth, "--out", out, "--samples", "3", "--convention", "both",
        "--figures", "0", "--max-cases", "3", "--force")

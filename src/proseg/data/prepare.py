@@ -13,7 +13,6 @@ import fnmatch
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from proseg.data.readers.base import CaseRef
 from proseg.data.splits import make_splits
 from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, sha256_file
 from proseg.data.types import DataError
-from proseg.fsutil import swap_in_dir
+from proseg.fsutil import make_temp_dir, swap_in_dir
 
 FORMATS = (*READERS, "synthetic")
 
@@ -231,8 +230,7 @@ def prepare(
         f"rank-{i}" for i in range(len(first.rater_names))]
     splits = make_splits([p.patient_id for p in processed], num_folds, val_fraction, seed)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         n_rows = sum(p.image.shape[1] for p in processed)
         r = first.masks.shape[0]

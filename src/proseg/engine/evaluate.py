@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from proseg.data.types import DataError
 from proseg.engine import checkpoint as ckpt
 from proseg.engine.distributed import barrier, env_dist_info, init_distributed, resolve_device
 from proseg.engine.evaluation import MODES, evaluate_cases, resolve_modes, supports
-from proseg.fsutil import swap_in_dir
+from proseg.fsutil import make_temp_dir, swap_in_dir
 
 
 def _safe_name(case_id: str) -> str:
@@ -176,8 +175,7 @@ def evaluate_checkpoint(
     }
     if info.is_main:
         parent = out_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        tmp = make_temp_dir(parent, out_dir.name)
         try:
             (tmp / "metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             if records:

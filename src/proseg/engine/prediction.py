@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from proseg.data.types import DataError
 from proseg.engine.evaluation import case_generator, sample_volume, supports
 from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
-from proseg.fsutil import swap_in_dir
+from proseg.fsutil import make_temp_dir, swap_in_dir
 
 NIFTI_EXT = (".nii.gz", ".nii")
 PNG_EXT = (".png",)
@@ -373,8 +372,7 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
         raise NotADirectoryError(f"{out}: cannot write here ({parent_probe} is a file)")
     if not os.access(parent_probe, os.W_OK):
         raise PermissionError(f"{out}: cannot write here ({parent_probe} is not writable)")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    tmp = make_temp_dir(parent, out.name)
     report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "checkpoint_sha256": file_sha256(ckpt_dir / WEIGHTS_NAME),
                               "model": meta["model"], "num_samples": num_samples, "seed": seed,
                               "threshold": threshold, "notes": notes, "inputs": {},
