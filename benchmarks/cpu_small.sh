@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-scale benchmark behind docs/results.md: every model on one small U-Net scale (widths 16-32-64-128),
+# The first CPU-scale benchmark pass (docs/results/pass1-cpu-small.md): every model on one small U-Net scale (widths 16-32-64-128),
 # ProSeg's reference architecture beside it, equal wall-clock budgets, one thread per process.
 # Usage: benchmarks/cpu_small.sh DATA_ROOT OUT_ROOT   (DATA_ROOT holds the prepared lidc/ and qubiq/ stores)
 set -euo pipefail
