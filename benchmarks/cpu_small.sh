@@ -6,14 +6,14 @@ set -euo pipefail
 data=${1:?prepared data root}; out=${2:?output root}
 py=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-small='model.args.backbone=unet|model.args.backbone_cfg={widths: [16, 32, 64, 128]}'
+source "$(dirname "$0")/model_specs.sh"
 models=(
   "proseg-default=proseg:default"
   "proseg-small=proseg:default|$small|model.args.rater_sampling=one"
   "proseg-small+all=proseg:default|$small|model.args.rater_sampling=all"
   "proseg-reference=proseg:reference"
   "prob_unet=prob_unet|$small"
-  "phiseg=phiseg|model.args.backbone_cfg={widths: [16, 32, 64, 128, 128]}|model.args.latent_levels=3"
+  "phiseg=phiseg|$phiseg"
   "pionono=pionono|$small"
   "dpersona=dpersona|$small"
   "cm_global=cm_global|$small"

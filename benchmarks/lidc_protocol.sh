@@ -8,8 +8,7 @@ set -euo pipefail
 data=${1:?prepared LIDC store}; out=${2:?output folder}
 py=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-small='model.args.backbone=unet|model.args.backbone_cfg={widths: [16, 32, 64, 128]}'
-phiseg='model.args.backbone_cfg={widths: [16, 32, 64, 128, 128]}|model.args.latent_levels=3'
+source "$(dirname "$0")/model_specs.sh"
 long=("proseg-default-60min=proseg:default" "phiseg=phiseg|$phiseg" "prob_unet=prob_unet|$small")
 short=("proseg-default=proseg:default" "proseg-reference=proseg:reference" "pionono=pionono|$small"
        "dpersona=dpersona|$small" "cm_global=cm_global|$small" "cm_pixel=cm_pixel|$small")

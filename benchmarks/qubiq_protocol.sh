@@ -9,8 +9,7 @@ set -euo pipefail
 data=${1:?prepared QUBIQ store}; out=${2:?output folder}; what=${3:-both}
 py=${PYTHON:-python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-small='model.args.backbone=unet|model.args.backbone_cfg={widths: [16, 32, 64, 128]}'
-phiseg='model.args.backbone_cfg={widths: [16, 32, 64, 128, 128]}|model.args.latent_levels=3'
+source "$(dirname "$0")/model_specs.sh"
 half_a=("proseg-default=proseg:default" "prob_unet=prob_unet|$small" "pionono=pionono|$small"
         "cm_global=cm_global|$small")
 half_b=("proseg-reference=proseg:reference" "phiseg=phiseg|$phiseg" "dpersona=dpersona|$small"
