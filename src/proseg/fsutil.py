@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -43,16 +45,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def make_temp_dir(parent: Path, name: str) -> Path:
-    """A fresh hidden work folder ``parent/.name.tmp-XXXX`` for :func:`swap_in_dir`, readable by others (0755).
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Build the folder ``out`` all-or-nothing: yields a fresh hidden work folder ``.out.tmp-XXXX`` beside it,
+    which is swapped in for ``out`` (:func:`swap_in_dir`) when the block succeeds and removed when it raises.
 
-    ``mkdtemp`` creates 0700, and the folder is renamed into place, so without this a prepared dataset or an
-    evaluation would be unreadable by the rest of a team sharing it.
+    The work folder is 0755: ``mkdtemp`` creates 0700, and the folder is renamed into place, so without this a
+    prepared dataset or an evaluation would be unreadable by the rest of a team sharing it.
     """
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    os.chmod(tmp, 0o755)
-    return tmp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        swap_in_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def swap_in_dir(tmp: Path, out: Path) -> None:

@@ -12,7 +12,6 @@ import csv
 import fnmatch
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from proseg.data.readers.base import CaseRef
 from proseg.data.splits import make_splits
 from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, sha256_file
 from proseg.data.types import DataError
-from proseg.fsutil import make_temp_dir, swap_in_dir
+from proseg.fsutil import staged_dir
 
 FORMATS = (*READERS, "synthetic")
 
@@ -230,8 +229,7 @@ def prepare(
         f"rank-{i}" for i in range(len(first.rater_names))]
     splits = make_splits([p.patient_id for p in processed], num_folds, val_fraction, seed)
 
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
+    with staged_dir(out) as tmp:
         n_rows = sum(p.image.shape[1] for p in processed)
         r = first.masks.shape[0]
         mm_img = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float32, (n_rows, channels, *hw))
@@ -315,10 +313,6 @@ def prepare(
             "files": files,
         }
         _write_json(tmp / "manifest.json", manifest)
-        swap_in_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PrepareResult(out, n_rows, len(processed), n_patients, len(volumes), r, time.perf_counter() - t0)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from proseg.data.types import DataError
 from proseg.engine import checkpoint as ckpt
 from proseg.engine.distributed import barrier, env_dist_info, init_distributed, resolve_device
 from proseg.engine.evaluation import MODES, evaluate_cases, resolve_modes, supports
-from proseg.fsutil import make_temp_dir, swap_in_dir
+from proseg.fsutil import staged_dir
 
 
 def _safe_name(case_id: str) -> str:
@@ -174,9 +173,7 @@ def evaluate_checkpoint(
         "results": results,
     }
     if info.is_main:
-        parent = out_dir.parent
-        tmp = make_temp_dir(parent, out_dir.name)
-        try:
+        with staged_dir(out_dir) as tmp:
             (tmp / "metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             if records:
                 write_records_csv(records, tmp / "cases.csv", thresholds=thresholds)
@@ -190,10 +187,6 @@ def evaluate_checkpoint(
                     case_figure(tmp / "figures" / f"{_safe_name(cid)}.png", k["image"], k["masks"], k["present"],
                                 personalized=k.get("personalized"), diverse=k.get("diverse"),
                                 title=f"{name} | {cid} | K={num_samples}", rater_names=store.rater_names)
-            swap_in_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     barrier()
     report["out"] = str(out_dir)
     return report

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from proseg.data.types import DataError
 from proseg.engine.evaluation import case_generator, sample_volume, supports
 from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
-from proseg.fsutil import make_temp_dir, swap_in_dir
+from proseg.fsutil import staged_dir
 
 NIFTI_EXT = (".nii.gz", ".nii")
 PNG_EXT = (".png",)
@@ -372,12 +371,11 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
         raise NotADirectoryError(f"{out}: cannot write here ({parent_probe} is a file)")
     if not os.access(parent_probe, os.W_OK):
         raise PermissionError(f"{out}: cannot write here ({parent_probe} is not writable)")
-    tmp = make_temp_dir(parent, out.name)
     report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "checkpoint_sha256": file_sha256(ckpt_dir / WEIGHTS_NAME),
                               "model": meta["model"], "num_samples": num_samples, "seed": seed,
                               "threshold": threshold, "notes": notes, "inputs": {},
                               "png_scale": "probabilities and masks x255, variances x1020 (8-bit)"}
-    try:
+    with staged_dir(out) as tmp:
         single = inp.is_file()
         for f in files:
             case = read_input(f)
@@ -387,8 +385,4 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
             written = write_case(case, maps, dest, rater_names, save_samples)
             report["inputs"][str(f)] = {"output": str(out if single else out / stem(f)), "files": written}
         (tmp / "prediction.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        swap_in_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -14,12 +14,14 @@ is written atomically.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from proseg.fsutil import atomic_write_bytes
 
 
 def _pick_slice(masks: np.ndarray) -> int:
@@ -94,15 +96,10 @@ def case_figure(
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=90)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
+        fig.savefig(buf, format="png", dpi=90)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(out, buf.getvalue())
     return out
