@@ -74,3 +74,24 @@ def swap_in_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def reserve_space(fd: int, size: int) -> None:
+    """Allocate the first ``size`` bytes of the open file ``fd`` now (``posix_fallocate``), so that a full disk
+    raises ``OSError(ENOSPC)`` here, before anything is written, instead of after minutes of work.
+
+    File systems without allocation support (``EOPNOTSUPP``/``EINVAL``/``ENOSYS``, and platforms without
+    ``posix_fallocate``) are skipped: the caller then writes with ordinary writes, which report ENOSPC themselves.
+    Never use a writable memory map in its place: on a full disk a store into one dies with SIGBUS.
+    """
+    import errno
+
+    fallocate = getattr(os, "posix_fallocate", None)
+    if size <= 0 or fallocate is None:
+        return
+    unsupported = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+    try:
+        fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in unsupported:
+            raise

@@ -16,7 +16,7 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Use --out even if it holds something other than a demo."),
 ) -> None:
     """Prepare synthetic data, train a small ProSeg and a Prob. U-Net, evaluate both, write report.md."""
-    from proseg.engine.errors import user_errors
+    from proseg.cli.errors import user_errors
 
     with user_errors():
         import time

@@ -39,16 +39,17 @@ def evaluate(
     Runs sharded across processes under ``torchrun --nproc-per-node=G --no-python proseg evaluate ...``;
     the numbers are identical on 1 or N processes.
     """
-    from proseg.engine.errors import user_errors
+    from proseg.cli.errors import user_errors
 
     with user_errors():
         from proseg.engine.distributed import cleanup_distributed
         from proseg.engine.evaluate import evaluate_checkpoint, summary_table
         from proseg.engine.evaluation import MODES
+        from proseg.errors import CommandError
 
         modes = None if mode == "auto" else (list(MODES) if mode == "both" else [mode])
         if modes is not None and any(m not in MODES for m in modes):
-            raise ValueError(f"--mode must be personalized, diverse, both or auto, got {mode!r}")
+            raise CommandError(f"--mode must be personalized, diverse, both or auto, got {mode!r}")
         conventions = None if convention is None else (["standard", "reference"] if convention == "both"
                                                        else [convention])
         report = evaluate_checkpoint(checkpoint, data, split=split, fold=fold, out=out, modes=modes,

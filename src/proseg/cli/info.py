@@ -15,17 +15,14 @@ def info(
     """Describe a prepared dataset."""
     import json
 
+    from proseg.cli.errors import user_errors
     from proseg.data.stats import store_stats
     from proseg.data.store import open_store
-    from proseg.data.types import DataError
 
-    try:
+    with user_errors(exit_code=1):
         store = open_store(dataset)
         st = store_stats(store)
         bad = store.verify() if verify else []
-    except DataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     if verify:
         st["checksums_ok"] = not bad
         st["checksum_mismatch"] = bad

@@ -15,8 +15,13 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of every failure (or PROSEG_DEBUG=1)."),
+) -> None:
     """Probabilistic multi-rater medical image segmentation."""
+    from proseg.cli.errors import set_debug
+
+    set_debug(debug)
 
 
 def _register() -> None:

@@ -19,7 +19,7 @@ def predict(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Predict in the input's format and geometry (NIfTI keeps its affine); nothing is left half-written."""
-    from proseg.engine.errors import user_errors
+    from proseg.cli.errors import user_errors
 
     with user_errors():
         from proseg.engine.prediction import predict_path

@@ -39,8 +39,8 @@ def prepare(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Convert FORMAT data at SRC into a memory-mappable dataset at OUT (manifest, checksums, patient splits)."""
+    from proseg.cli.errors import user_errors
     from proseg.data.prepare import prepare as run_prepare
-    from proseg.data.types import DataError
 
     reader_options: dict = {}
     synthetic_options: dict = {}
@@ -68,15 +68,13 @@ def prepare(
             bar.update(1)
 
     try:
-        res = run_prepare(
-            fmt, src, out, size=size, intensity=intensity, rater_order=rater_order, num_folds=folds,
-            val_fraction=val_fraction, seed=seed, allow_missing_raters=allow_missing_raters, patients=pats or None,
-            force=force, workers=workers, reader_options=reader_options, synthetic_options=synthetic_options,
-            progress=progress,
-        )
-    except DataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        with user_errors(exit_code=1):
+            res = run_prepare(
+                fmt, src, out, size=size, intensity=intensity, rater_order=rater_order, num_folds=folds,
+                val_fraction=val_fraction, seed=seed, allow_missing_raters=allow_missing_raters,
+                patients=pats or None, force=force, workers=workers, reader_options=reader_options,
+                synthetic_options=synthetic_options, progress=progress,
+            )
     finally:
         if bar is not None:
             bar.close()

@@ -100,6 +100,15 @@ def score(
 
     Predictions are binarised with > 0.5 where a metric needs masks. Definitions and conventions: docs/metrics.md.
     """
+    from proseg.cli.errors import user_errors
+
+    with user_errors(exit_code=1):  # e.g. a full disk while writing --csv: one line, as for bad inputs
+        _score(labels, preds, convention.value, estimator.value, json_output, thresholds, csv_path, summary_csv,
+               device)
+
+
+def _score(labels: Path, preds: Path, conv: str, est: str, json_output: bool, thresholds: str, csv_path: Path | None,
+           summary_csv: Path | None, device: str) -> None:
     import torch
 
     from proseg.metrics import case_metrics
@@ -107,7 +116,6 @@ def score(
     from proseg.metrics.files import ScoreInputError, load_array, pair_folders
 
     ts = _parse_thresholds(thresholds)
-    conv, est = convention.value, estimator.value
     try:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():

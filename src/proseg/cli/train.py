@@ -24,7 +24,7 @@ def train(
         proseg train -c configs/synthetic/proseg.yaml --data data/synth --out runs/proseg-f0 --fold 0
         proseg train --resume runs/proseg-f0
     """
-    from proseg.engine.errors import user_errors
+    from proseg.cli.errors import user_errors
 
     with user_errors():
         _train(list(overrides or []), config, data, out, fold, resume)
@@ -36,8 +36,8 @@ def _train(overrides: list[str], config: Path | None, data: Path | None, out: Pa
     import sys
 
     from proseg.engine.config import apply_overrides, load_config
-    from proseg.engine.errors import CommandError
     from proseg.engine.trainer import Trainer
+    from proseg.errors import CommandError
 
     if resume is not None:
         if config is not None:

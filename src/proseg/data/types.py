@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from proseg.errors import DataError
+
+__all__ = ["DataError", "Sample"]
+
 
 @dataclass
 class Sample:
@@ -49,5 +53,3 @@ class Sample:
         return self.image.ndim == 4
 
 
-class DataError(ValueError):
-    """Bad input: the message names the file and what is wrong with it."""

@@ -28,9 +28,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the dotted key (and the file when there is one)."""
+from proseg.errors import ConfigError
 
 
 @dataclass

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from proseg.errors import CommandError
+
 MARKER = "demo.json"
 MODELS = (("proseg", "ProSeg"), ("prob_unet", "Prob. U-Net"))
 
@@ -112,7 +114,7 @@ def run_demo(out: str | os.PathLike[str] = "demo", data: str | os.PathLike[str] 
 
     t_start = time.time()
     if minutes <= 0:
-        raise ValueError(f"--minutes must be > 0, got {minutes}")
+        raise CommandError(f"--minutes must be > 0, got {minutes}")
     out_dir = Path(out)
     if data is not None:
         data_dir = Path(data)

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proseg.data.types import DataError
 from proseg.engine import checkpoint as ckpt
+from proseg.engine.compat import check_dataset_matches
 from proseg.engine.distributed import barrier, env_dist_info, init_distributed, resolve_device
 from proseg.engine.evaluation import MODES, evaluate_cases, resolve_modes, supports
+from proseg.errors import CommandError, DataError
 from proseg.fsutil import staged_dir
 
 
@@ -65,7 +66,7 @@ def evaluate_checkpoint(
     from proseg.engine.data import case_loader, open_dataset
     from proseg.metrics.aggregate import aggregate, write_records_csv
     from proseg.models import load_model
-    from proseg.models.base import WEIGHTS_NAME
+    from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME
 
     info = env_dist_info()
     ckpt_dir = ckpt.resolve_checkpoint(checkpoint)
@@ -73,7 +74,7 @@ def evaluate_checkpoint(
     run_cfg = load_config(run / "config.yaml") if run is not None else None
     if data is None:
         if run_cfg is None or not run_cfg.data.path:
-            raise ValueError("--data DATASET is required (the checkpoint is not inside a run with a data.path)")
+            raise CommandError("--data DATASET is required (the checkpoint is not inside a run with a data.path)")
         data = run_cfg.data.path
     if fold is None:
         fold = run_cfg.data.fold if run_cfg is not None else 0
@@ -88,14 +89,14 @@ def evaluate_checkpoint(
     num_figures = ev.num_figures if num_figures is None else num_figures
     batch_size = ev.batch_size if batch_size is None else batch_size
     if split not in ("train", "val", "test"):
-        raise ValueError(f"--split must be train, val or test, got {split!r}")
+        raise CommandError(f"--split must be train, val or test, got {split!r}")
     if num_samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {num_samples}")
+        raise CommandError(f"--samples must be >= 1, got {num_samples}")
     for c in conventions:
         if c not in ("standard", "reference"):
-            raise ValueError(f"--convention must be standard, reference or both, got {c!r}")
+            raise CommandError(f"--convention must be standard, reference or both, got {c!r}")
     if estimator not in ("v", "u"):
-        raise ValueError(f"--estimator must be v or u, got {estimator!r}")
+        raise CommandError(f"--estimator must be v or u, got {estimator!r}")
     out_dir = Path(out) if out is not None else default_output(ckpt_dir, split, fold)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir}: already exists (use --force to replace it)")
@@ -107,25 +108,22 @@ def evaluate_checkpoint(
     model = load_model(ckpt_dir, map_location=dev)
     model.to(dev).eval()
     name = model.init_config.get("name", type(model).__name__)
-    if store.num_channels != model.in_channels:
-        raise DataError(f"{store.path}: the dataset has {store.num_channels} image channel(s) but the checkpoint "
-                        f"{ckpt_dir} expects {model.in_channels}")
+    meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
     if modes:
         use_modes = resolve_modes(model, list(modes), strict=True)
     else:
         wanted = list(run_cfg.eval.modes) if run_cfg is not None else list(MODES)
         use_modes = resolve_modes(model, [m for m in MODES if m in wanted and supports(model, m)] or wanted,
                                   strict=False)
-    if "personalized" in use_modes and store.num_raters != model.num_raters:
-        raise DataError(f"{store.path}: the dataset has {store.num_raters} raters but the checkpoint {ckpt_dir} was "
-                        f"trained for {model.num_raters}; personalized outputs cannot be matched to raters "
-                        "(evaluate with --mode diverse to compare populations only)")
+    data_warnings = check_dataset_matches(meta.get("dataset"), store, in_channels=model.in_channels,
+                                          num_raters=model.num_raters, modes=use_modes,
+                                          checkpoint=f"the checkpoint {ckpt_dir}")
     if not 0 <= fold < store.num_folds:
-        raise ValueError(f"--fold {fold}: {store.path} has {store.num_folds} folds")
+        raise CommandError(f"--fold {fold}: {store.path} has {store.num_folds} folds")
     load_case, cases_of = case_loader(store)
     cases = cases_of(store.rows(fold, split))
     if case_stride < 1:
-        raise ValueError(f"case_stride must be >= 1, got {case_stride}")
+        raise CommandError(f"--case-stride must be >= 1, got {case_stride}")
     cases = cases[::case_stride]  # a systematic sample over all patients, before max_cases
     if max_cases:
         cases = cases[:max_cases]
@@ -144,7 +142,6 @@ def evaluate_checkpoint(
             recs = [r for r in records if r["mode"] == mode and r["convention"] == conv]
             if recs:
                 results.setdefault(mode, {})[conv] = aggregate(recs, thresholds=thresholds)
-    meta = json.loads((ckpt_dir / "model.json").read_text())
     report: dict[str, Any] = {
         "checkpoint": str(ckpt_dir),
         "checkpoint_sha256": ckpt.file_sha256(ckpt_dir / WEIGHTS_NAME),
@@ -170,6 +167,7 @@ def evaluate_checkpoint(
         "seconds": round(seconds, 3),
         "proseg_version": meta.get("proseg_version"),
         "git_commit": ckpt.git_commit(),
+        "warnings": data_warnings,
         "results": results,
     }
     if info.is_main:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from proseg.engine.distributed import all_gather_objects
+from proseg.errors import ConfigError, DataError
 from proseg.models.base import MultiRaterModel, NotSupportedError
 
 MODES = ("personalized", "diverse")
@@ -60,7 +61,7 @@ def resolve_modes(model: MultiRaterModel, modes: Sequence[str], strict: bool) ->
     out = []
     for m in modes:
         if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+            raise ConfigError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
         if supports(model, m):
             out.append(m)
         elif strict:
@@ -177,7 +178,7 @@ def evaluate_cases(
                 samples = sample_volume(model, images, mode, num_samples, gen, batch_size)
                 if mode == "personalized":
                     if samples.shape[0] != labels_all.shape[0]:
-                        raise ValueError(f"model predicts {samples.shape[0]} raters but case {case.case_id} has "
+                        raise DataError(f"model predicts {samples.shape[0]} raters but case {case.case_id} has "
                                          f"{labels_all.shape[0]}")
                     preds = samples.mean(dim=1)[present.to(device)]  # (N, D, H, W)
                 else:
@@ -225,5 +226,5 @@ def selection_score(summary: dict[str, dict[str, float]], metric: str) -> tuple[
         dm = 0.5 * (summary["dice_max"]["mean"] + summary["dice_max_reverse"]["mean"])
         return 0.5 * (dm + summary["dice_soft"]["mean"]), True
     if metric not in summary:
-        raise KeyError(f"train.val_metric={metric!r} is not a metric key; keys: dice, {', '.join(sorted(summary))}")
+        raise ConfigError(f"train.val_metric={metric!r} is not a metric key; keys: dice, {', '.join(sorted(summary))}")
     return summary[metric]["mean"], metric not in LOWER_IS_BETTER

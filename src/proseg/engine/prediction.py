@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from proseg.data.types import DataError
 from proseg.engine.evaluation import case_generator, sample_volume, supports
 from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
+from proseg.errors import CommandError, DataError
 from proseg.fsutil import staged_dir
 
 NIFTI_EXT = (".nii.gz", ".nii")
@@ -341,9 +341,9 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists (use --force to replace it)")
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold must lie in (0, 1), got {threshold}")
+        raise CommandError(f"--threshold must lie in (0, 1), got {threshold}")
     if num_samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {num_samples}")
+        raise CommandError(f"--samples must be >= 1, got {num_samples}")
     ckpt_dir = resolve_checkpoint(checkpoint)
     meta = json.loads((ckpt_dir / "model.json").read_text())
     dataset = meta.get("dataset") or {}

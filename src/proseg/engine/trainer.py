@@ -53,12 +53,9 @@ from proseg.engine.evaluation import CaseData, evaluate_cases, resolve_modes, se
 from proseg.engine.logger import RunLogger
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.schedule import build_optimizer, lr_factor, set_lr
+from proseg.errors import NonFiniteLossError
 from proseg.metrics.aggregate import aggregate
 from proseg.models.base import MultiRaterModel
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimizer steps had a NaN/Inf loss or gradient."""
 
 
 class _LossModule(nn.Module):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from proseg.errors import ScoreInputError
+
 SUFFIXES: tuple[str, ...] = (".nii.gz", ".npy", ".npz", ".nii")
 _NPZ_KEYS = {
     "labels": ("labels", "masks", "label", "mask"),
@@ -29,8 +31,6 @@ _NPZ_KEYS = {
 }
 
 
-class ScoreInputError(ValueError):
-    """A label / prediction file or folder that cannot be scored; the message names the file."""
 
 
 def case_name(path: Path) -> str | None:

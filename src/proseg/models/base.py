@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from proseg.errors import CheckpointError, ProsegError
 from proseg.fsutil import atomic_write_bytes
 
 Batch = dict[str, Tensor]
@@ -18,6 +23,64 @@ Batch = dict[str, Tensor]
 
 class NotSupportedError(NotImplementedError):
     """The model has no notion of the requested output (e.g. a personalized sample from Prob. U-Net)."""
+
+
+#: the sampling calls of the API; every subclass's own definitions are wrapped by :func:`_inference_call`
+SAMPLING_METHODS: tuple[str, ...] = ("sample_personalized", "sample_diverse")
+_WRAPPED = "__proseg_inference_call__"
+_ACTIVE = "_proseg_sampling_active"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule of ``model`` in eval mode inside the ``with`` block; afterwards (also after an exception) each
+    submodule gets back its own ``training`` flag exactly.
+
+    The flags are set and restored directly, not through ``model.train(mode)``: a model may override ``train``
+    (D-Persona keeps its frozen stage-1 parts in eval mode while the rest trains), and one ``train(mode)`` call cannot
+    restore such a mixed state.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in saved:
+            m.training = False
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _inference_call(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Wrap a sampling method so that it runs in eval mode (:func:`eval_mode`) and under ``torch.no_grad()`` unless
+    the caller passes ``grad=True`` (then the caller's grad mode applies: inside ``torch.no_grad()`` still no graph).
+    A nested sampling call on the same model (an override calling ``super()`` or the other sampler) runs under the
+    outer call's settings."""
+    if getattr(fn, _WRAPPED, False):
+        return fn
+    sig = inspect.signature(fn)
+    passes_grad = "grad" in sig.parameters  # an implementation that wants to know (the base's do); others don't
+
+    @functools.wraps(fn)
+    def call(self: MultiRaterModel, *args: Any, grad: bool = False, **kwargs: Any) -> Tensor:
+        if passes_grad:
+            kwargs["grad"] = grad
+        if self.__dict__.get(_ACTIVE, False):
+            return fn(self, *args, **kwargs)
+        self.__dict__[_ACTIVE] = True  # plain attribute: not a buffer, not in the state dict
+        try:
+            with eval_mode(self), torch.set_grad_enabled(bool(grad) and torch.is_grad_enabled()):
+                return fn(self, *args, **kwargs)
+        finally:
+            self.__dict__[_ACTIVE] = False
+
+    if not passes_grad:  # show the keyword-only ``grad`` in help() / inspect.signature
+        ps = list(sig.parameters.values())
+        at = next((i for i, p in enumerate(ps) if p.kind is inspect.Parameter.VAR_KEYWORD), len(ps))
+        ps.insert(at, inspect.Parameter("grad", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"))
+        sig = sig.replace(parameters=ps)
+    call.__signature__ = sig  # type: ignore[attr-defined]
+    setattr(call, _WRAPPED, True)
+    return call
 
 
 class MultiRaterModel(nn.Module):
@@ -36,6 +99,13 @@ class MultiRaterModel(nn.Module):
           volume, predicted slice by slice with one latent per volume. Pixel-wise latents stay per slice.
         * No Python loop over the batch or over raters; per-rater modules are batched modules that run for
           all raters, so every parameter receives a gradient each step (DDP without unused parameters).
+        * Inference contract: :meth:`sample_personalized` / :meth:`sample_diverse` run with every submodule in
+          eval mode (BatchNorm uses its running statistics, dropout is off) whatever mode the caller left the model
+          in, restore each submodule's ``training`` flag afterwards, never change a parameter or buffer, and run
+          under ``torch.no_grad()`` unless called with ``grad=True``. So ``model.train()`` and ``model.eval()``
+          give identical samples, and sampling in the middle of training changes nothing. Every subclass gets this
+          from ``__init_subclass__``, which wraps its own definitions of the two methods; implementations need no
+          ``grad`` parameter of their own.
     """
 
     model_name: str = ""
@@ -44,6 +114,13 @@ class MultiRaterModel(nn.Module):
     supports_diverse: bool = False
     PRESETS: dict[str, dict[str, Any]] = {"default": {}}
     init_config: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in SAMPLING_METHODS:  # the inference contract holds for every model, not by each one's care
+            fn = cls.__dict__.get(name)
+            if fn is not None and inspect.isfunction(fn):
+                setattr(cls, name, _inference_call(fn))
 
     def __init__(self, in_channels: int, num_raters: int) -> None:
         super().__init__()
@@ -69,8 +146,20 @@ class MultiRaterModel(nn.Module):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         share_latent: bool = False,
+        *,
+        grad: bool = False,
     ) -> Tensor:
-        """What each rater would draw: ``(B, R, K, H, W)`` probabilities for ``images`` ``(B, C, H, W)``."""
+        """What each rater would draw: ``(B, R, K, H, W)`` probabilities for ``images`` ``(B, C, H, W)``.
+
+        Args:
+            images: ``(B, C, H, W)`` float.
+            num_samples: K draws per (image, rater).
+            generator: the only source of randomness (the global RNG when None).
+            share_latent: one image-global latent per (rater, sample) for the whole batch (slices of one volume).
+            grad: build an autograd graph (default: no, the call runs under ``torch.no_grad()``; with True the
+                caller's grad mode applies). Either way the call runs in eval mode and leaves every module flag,
+                parameter and buffer as it found them.
+        """
         raise NotSupportedError(f"{type(self).__name__} has no per-rater (personalized) output")
 
     def sample_diverse(
@@ -79,8 +168,13 @@ class MultiRaterModel(nn.Module):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         share_latent: bool = False,
+        *,
+        grad: bool = False,
     ) -> Tensor:
-        """The population of plausible segmentations: ``(B, K, H, W)`` probabilities."""
+        """The population of plausible segmentations: ``(B, K, H, W)`` probabilities for ``images`` ``(B, C, H, W)``.
+
+        Arguments as :meth:`sample_personalized` (``grad=True`` builds a graph; eval mode and no state change always).
+        """
         raise NotSupportedError(f"{type(self).__name__} has no diverse (population) output")
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -114,6 +208,11 @@ class MultiRaterModel(nn.Module):
         return image, masks.to(image.dtype), present.to(torch.bool)
 
 
+for _name in SAMPLING_METHODS:  # the base's own (NotSupportedError) versions follow the same contract
+    setattr(MultiRaterModel, _name, _inference_call(MultiRaterModel.__dict__[_name]))
+del _name
+
+
 # --- weights: safetensors + JSON, loadable without the training code -----------------------------------
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
@@ -142,10 +241,61 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], extra: dict[
     return directory
 
 
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MultiRaterModel:
-    """Rebuild a model from a directory holding ``model.json`` + ``model.safetensors`` (strict load)."""
+def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
+    """Names of the floating (or complex) tensors of ``state`` holding a NaN or an Inf, in ``state``'s order.
+
+    One device synchronisation in all (the per-tensor flags are stacked before they are read).
+    """
+    names = [k for k, v in state.items() if v.is_floating_point() or v.is_complex()]
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(state[k]).all().cpu() for k in names]).tolist()
+    return [k for k, ok in zip(names, flags, strict=True) if not ok]
+
+
+def read_weights(file: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Read a ``.safetensors`` state dict, refusing a damaged file.
+
+    Raises:
+        FileNotFoundError: ``file`` does not exist.
+        CheckpointError: the file is truncated, garbled or unreadable, or a floating tensor holds NaN/Inf (a NaN
+            Dirichlet concentration would otherwise make sampling fail much later); the message names the file and
+            the tensors.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing")
+    try:
+        state = load_file(str(file), device=str(device))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: truncated or unreadable weights file ({exc}); the file is damaged (an "
+                              "interrupted copy?): copy it again or use another checkpoint") from exc
+    bad = nonfinite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(f"{file}: non-finite weights (NaN/Inf) in {len(bad)} tensor(s): {shown}; training "
+                              "diverged or the file is damaged: use an earlier checkpoint")
+    return state
+
+
+def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MultiRaterModel:
+    """Rebuild a model from a directory holding ``model.json`` + ``model.safetensors`` (strict load).
+
+    The model comes back in **eval mode** (as Hugging Face's ``from_pretrained``); call ``model.train()`` to train it
+    further. The weights are read onto ``map_location`` and copied into the freshly built (CPU) model; move the model
+    with ``model.to(device)``.
+
+    Raises:
+        FileNotFoundError: the directory, ``model.json`` or ``model.safetensors`` is missing.
+        CheckpointError: ``model.json`` is not a proseg model config or its config cannot be built; the weights file
+            is truncated, garbled or holds NaN/Inf; or the weights do not fit the architecture. The message names the
+            file (and the tensors).
+    """
     from proseg.models.registry import create_model
 
     path = Path(path)
@@ -158,12 +308,20 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     try:
         meta = json.loads(cfg_file.read_text())
         cfg = dict(meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{cfg_file}: not a proseg model config ({exc})") from exc
-    model = create_model(**cfg)
-    state = load_file(str(weights_file), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        name = cfg["name"]
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise CheckpointError(f"{cfg_file}: not a proseg model config ({type(exc).__name__}: {exc})") from exc
+    try:
+        model = create_model(**cfg)
+    except (ProsegError, KeyError, TypeError, ValueError) as exc:  # unknown name/preset, bad or unknown arguments
+        raise CheckpointError(f"{cfg_file}: its model config cannot be built ({exc}); config: {cfg}") from exc
+    state = read_weights(weights_file, map_location)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise CheckpointError(f"{weights_file}: weights do not fit the {name!r} architecture in {cfg_file} "
+                              f"({exc})") from exc
     if missing or unexpected:
-        raise ValueError(f"{weights_file}: weights do not match the {cfg['name']!r} architecture in {cfg_file} "
-                         f"(missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]})")
-    return model  # type: ignore[return-value]
+        raise CheckpointError(f"{weights_file}: weights do not match the {name!r} architecture in {cfg_file} "
+                              f"(missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]})")
+    return model.eval()  # type: ignore[return-value]

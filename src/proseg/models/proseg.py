@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from proseg.errors import NonFiniteError
 from proseg.losses import dirichlet_kl, gaussian_kl, log_variance, segmentation_loss
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel
@@ -44,14 +45,44 @@ def _draw(kind: str, shape: Sequence[int], generator: torch.Generator | None, li
     return out.to(like.device)
 
 
+#: rounds of the Marsaglia-Tsang rejection loop before giving up. Each round accepts > 95 % of the remaining draws
+#: (boosted d >= 2/3), so even 1e9 draws all pass within 10 rounds with overwhelming probability; 100 is a bound that a
+#: finite, positive alpha never reaches, and it turns a would-be infinite loop into an error.
+MAX_GAMMA_ROUNDS = 100
+
+
+def check_concentration(alpha: Tensor, what: str = "Gamma/Dirichlet concentration") -> None:
+    """Raise :class:`~proseg.errors.NonFiniteError` unless every element of ``alpha`` is finite and > 0.
+
+    Two reductions and one device synchronisation; a NaN would otherwise never be accepted by the rejection loop.
+    """
+    finite = torch.isfinite(alpha).all()
+    positive = (alpha > 0).all()
+    ok = torch.stack([finite, positive]).tolist()
+    if all(ok):
+        return
+    a = alpha.detach().reshape(-1)
+    n_bad = int((~torch.isfinite(a)).sum()) if not ok[0] else int((a <= 0).sum())
+    kind = "NaN/Inf" if not ok[0] else "non-positive"
+    example = a[~torch.isfinite(a)] if not ok[0] else a[a <= 0]
+    raise NonFiniteError(
+        f"{what}: {n_bad} of {a.numel()} values are {kind} (e.g. {float(example[0])}); a Gamma/Dirichlet sample "
+        "needs finite values > 0. The weights are damaged or training diverged: use an earlier checkpoint"
+    )
+
+
 def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
     """Exact ``Gamma(alpha, 1)`` draws (Marsaglia & Tsang 2000) from ``generator``-driven normals and uniforms.
 
-    ``alpha`` (any shape, > 0, no grad) -> same shape. For alpha < 1 the usual boost is used:
+    ``alpha`` (any shape, finite, > 0, no grad) -> same shape. For alpha < 1 the usual boost is used:
     ``G(alpha) = G(alpha + 1) * U^(1/alpha)``. Rejection runs vectorised in rounds over the still-rejected
     elements only (acceptance > 95 % per round), so the number of draws, and hence the result, is a deterministic
-    function of the generator state.
+    function of the generator state. At most :data:`MAX_GAMMA_ROUNDS` rounds.
+
+    Raises:
+        NonFiniteError: ``alpha`` holds NaN/Inf or a value <= 0 (checked up front), or the round bound is hit.
     """
+    check_concentration(alpha)
     a = alpha.detach().to(torch.float64 if alpha.dtype == torch.float64 else torch.float32)
     flat = a.reshape(-1)
     boost = flat < 1.0
@@ -59,7 +90,9 @@ def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> 
     c = 1.0 / torch.sqrt(9.0 * d)
     out = torch.empty_like(flat)
     todo = torch.arange(flat.numel(), device=flat.device)
-    while todo.numel() > 0:
+    for _ in range(MAX_GAMMA_ROUNDS):
+        if todo.numel() == 0:
+            break
         x = _draw("normal", (todo.numel(),), generator, flat)
         u = _draw("uniform", (todo.numel(),), generator, flat)
         dd, cc = d[todo], c[todo]
@@ -67,6 +100,11 @@ def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> 
         ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v + dd * torch.log(v.clamp_min(1e-30)))
         out[todo[ok]] = (dd * v)[ok]
         todo = todo[~ok]
+    if todo.numel() > 0:  # unreachable for a checked alpha unless the random source is broken
+        raise NonFiniteError(
+            f"Gamma sampler: {todo.numel()} of {flat.numel()} draws still rejected after {MAX_GAMMA_ROUNDS} "
+            f"rounds (alpha e.g. {float(flat[todo[0]])}); the concentrations or the random generator are broken"
+        )
     u = _draw("uniform", (flat.numel(),), generator, flat)
     out = torch.where(boost, out * u.pow(1.0 / flat), out)
     return out.clamp_min(torch.finfo(out.dtype).tiny).reshape(alpha.shape)
@@ -80,6 +118,9 @@ def sample_gamma(alpha: Tensor, generator: torch.Generator | None = None) -> Ten
     ``Gamma.rsample`` uses (``torch._standard_gamma_grad``). It is valid for any exact sampler because it only needs
     the drawn value, so ``g + (alpha - stop_grad(alpha)) * stop_grad(dg/dalpha)`` has the right value and gradient.
     (``torch.distributions`` ignores generators, hence this route.)
+
+    Raises:
+        NonFiniteError: ``alpha`` holds NaN/Inf or a value <= 0 (a NaN would never be accepted by the rejection loop).
     """
     g_work = _gamma_marsaglia_tsang(alpha, generator)  # float32 (float64 for float64 alpha)
     g = g_work.to(alpha.dtype)
@@ -158,6 +199,9 @@ class RaterConvStack(nn.Module):
             if i < n - 1:
                 x = F.relu(x)
         return x.reshape(B, S, self.out_channels, H, W)
+
+
+_TAU_WHAT = "ProSeg's rater concentrations softplus(tau.raw_concentration)"
 
 
 class TauPosterior(nn.Module):
@@ -477,6 +521,7 @@ class ProSeg(MultiRaterModel):
         wsum = weight.sum().clamp_min(1e-12)
 
         conc = self.tau.concentration().to(image.dtype)  # (R, D)
+        check_concentration(conc, _TAU_WHAT)  # names the parameter; the sampler's own check could not
         alpha = conc[rater_idx]  # (B, S, D)
         tau = sample_dirichlet(alpha, generator)
         kl_tau = (dirichlet_kl(alpha, self.alpha0) * weight).sum() / wsum
@@ -539,6 +584,7 @@ class ProSeg(MultiRaterModel):
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
         mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
         conc = self.tau.concentration().to(mu.dtype)
+        check_concentration(conc, _TAU_WHAT)
         lead = 1 if share_latent else B
         tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
         return self._per_rater_samples(mu, logvar, tau, generator)

@@ -8,6 +8,16 @@ from typing import Any
 
 import torch.nn as nn
 
+from proseg.errors import ConfigError
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """An unknown model, preset or backbone name. A :class:`~proseg.errors.ConfigError` (so the CLI prints its
+    message) that is also a ``KeyError``, so callers that caught the ``KeyError`` of earlier versions keep working."""
+
+    __str__ = BaseException.__str__  # the message as written, not KeyError's repr() of it
+
+
 _MODELS: dict[str, type[nn.Module]] = {}
 
 
@@ -36,9 +46,10 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_model_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name``; :class:`UnknownNameError` (a ``ConfigError``) listing the names if none."""
     _ensure_builtin_models()
     if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
+        raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
 
 
@@ -58,14 +69,19 @@ def create_model(
     The full constructor configuration is kept on ``model.init_config`` so that
     ``create_model(**model.init_config)`` rebuilds the same architecture (used by checkpoints).
 
+    Raises:
+        UnknownNameError: (a :class:`~proseg.errors.ConfigError`, also a ``KeyError``) an unknown model or preset.
+        TypeError, ValueError: the model's constructor rejects an argument (left to the caller to wrap).
+
     Example:
         >>> model = create_model("proseg", in_channels=1, num_raters=4, preset="default")
         >>> probs = model.sample_personalized(torch.zeros(2, 1, 64, 64), num_samples=3)  # (2, 4, 3, 64, 64)
+        >>> # sampling runs in eval mode and without autograd whatever mode the model is in (grad=True for a graph)
     """
     cls = get_model_class(name)
     presets: dict[str, dict[str, Any]] = getattr(cls, "PRESETS", {"default": {}})
     if preset not in presets:
-        raise KeyError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(sorted(presets))}")
+        raise UnknownNameError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(sorted(presets))}")
     kwargs = {**presets[preset], **overrides}
     model = cls(in_channels=in_channels, num_raters=num_raters, **kwargs)
     model.init_config = {  # type: ignore[assignment]

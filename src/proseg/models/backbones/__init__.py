@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from proseg.models.backbones.unet import UNet
+from proseg.models.registry import UnknownNameError  # a ConfigError that is still a KeyError
 
 
 def create_backbone(name: str, in_channels: int, **cfg: Any) -> nn.Module:
@@ -20,7 +21,7 @@ def create_backbone(name: str, in_channels: int, **cfg: Any) -> nn.Module:
         from proseg.models.backbones.resnet_unet import ResNet34UNet
 
         return ResNet34UNet(in_channels, **cfg)
-    raise KeyError(f"unknown backbone {name!r}; available: unet, resnet34_unet")
+    raise UnknownNameError(f"unknown backbone {name!r}; available: unet, resnet34_unet")
 
 
 __all__ = ["UNet", "create_backbone"]
