@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "NonFiniteError",
+    "NonFiniteInputError",
     "NonFiniteLossError",
     "ProsegError",
     "ProsegWarning",
@@ -52,6 +53,10 @@ class ScoreInputError(ProsegError, ValueError):
 
 class NonFiniteError(ProsegError, RuntimeError):
     """NaN/Inf where a finite number is needed (sampler parameters, weights after an optimizer step ...)."""
+
+
+class NonFiniteInputError(NonFiniteError, ValueError):
+    """NaN in an input that must be finite (e.g. predictions handed to the metrics)."""
 
 
 class NonFiniteLossError(NonFiniteError):

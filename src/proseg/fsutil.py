@@ -54,7 +54,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
     prepared dataset or an evaluation would be unreadable by the rest of a team sharing it.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         yield tmp
@@ -66,14 +66,76 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
 def swap_in_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``; an existing ``out`` (``--force``) is replaced only after the
-    new folder is in place, so a failure never leaves ``out`` half-written."""
+    new folder is in place, so a failure never leaves ``out`` half-written.
+
+    Replacing takes two renames (``out`` -> ``.out.old-XXXX/x``, then ``tmp`` -> ``out``). Should the second one
+    fail, the old folder is moved back. A crash (power loss, SIGKILL) between the two leaves no ``out`` but the
+    complete old folder in ``.out.old-XXXX/x``: :func:`displaced_dir` finds it and :func:`recover_dir` puts it
+    back, so at every instant one complete folder exists.
+    """
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_OLD_TAG}", dir=out.parent))
+        os.replace(out, old / _OLD_LEAF)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / _OLD_LEAF, out)  # the old folder back: a failed swap changes nothing
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        _fsync_dir(out.parent)  # the new name is durable before the old copy goes
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+        _fsync_dir(out.parent)
+
+
+_OLD_TAG = ".old-"  # swap_in_dir's hidden copy of the replaced folder: .NAME.old-XXXX/x
+_OLD_LEAF = "x"
+_TMP_TAG = ".tmp-"  # staged_dir's work folder: .NAME.tmp-XXXX
+
+
+def displaced_dir(out: Path) -> Path | None:
+    """The complete previous ``out`` that a :func:`swap_in_dir` interrupted between its two renames left in
+    ``.out.old-XXXX/x`` (the newest when there are several), or None. Only meaningful while ``out`` is missing."""
+    if not out.parent.is_dir():
+        return None
+    cands = [d / _OLD_LEAF for d in out.parent.glob(f".{out.name}{_OLD_TAG}*") if (d / _OLD_LEAF).is_dir()]
+    return max(cands, key=lambda d: d.stat().st_mtime_ns) if cands else None
+
+
+def recover_dir(out: Path) -> bool:
+    """Undo what a crash in :func:`staged_dir` / :func:`swap_in_dir` left beside ``out``: a missing ``out`` whose
+    previous copy survived in ``.out.old-XXXX/x`` is renamed back, and stale work folders (``.out.tmp-XXXX``,
+    ``.out.old-XXXX``) are removed. Returns True when ``out`` was put back. Call it only when no other process
+    is writing ``out``."""
+    restored = False
+    if not out.exists():
+        old = displaced_dir(out)
+        if old is not None:
+            os.replace(old, out)
+            _fsync_dir(out.parent)
+            restored = True
+    if out.parent.is_dir():
+        for stale in [*out.parent.glob(f".{out.name}{_OLD_TAG}*"), *out.parent.glob(f".{out.name}{_TMP_TAG}*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return restored
+
+
+def empty_dir(directory: Path, first: tuple[str, ...] = ()) -> None:
+    """Delete everything inside ``directory`` (the folder itself stays, with its permissions). The entries named
+    in ``first`` go first: e.g. what marks a run resumable, so an interrupted delete never leaves a half run that
+    still looks complete."""
+    for name in first:
+        p = directory / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    for p in sorted(directory.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def reserve_space(fd: int, size: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,48 @@ def test_evaluate_warns_when_the_dataset_was_prepared_differently(proseg_run: Pa
               "--max-cases", "1")
     assert res.exit_code == 0 and "warning:" not in _out(res)
     assert json.loads((tmp_path / "same" / "metrics.json").read_text())["warnings"] == []
+
+
+def _copy_checkpoint(run: Path, dest: Path) -> Path:
+    import shutil
+
+    from proseg.engine.checkpoint import resolve_checkpoint
+
+    shutil.copytree(resolve_checkpoint(run), dest)
+    return dest
+
+
+def test_evaluate_and_predict_name_a_damaged_weights_file(proseg_run: Path, synth: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    ck = _copy_checkpoint(proseg_run, tmp_path / "ck")
+    w = ck / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    out = fails("evaluate", ck, "--data", synth, "--out", tmp_path / "e", match="model.safetensors")
+    assert "Traceback" not in out and not (tmp_path / "e").exists()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x.png")
+    fails("predict", ck, tmp_path / "x.png", tmp_path / "p", match="model.safetensors")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_nan_concentration_is_refused_at_load_not_a_hang(proseg_run: Path, synth: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ck = _copy_checkpoint(proseg_run, tmp_path / "ck")
+    state = load_file(str(ck / "model.safetensors"))
+    state["tau.raw_concentration"] = state["tau.raw_concentration"].clone()
+    state["tau.raw_concentration"].view(-1)[0] = torch.nan
+    save_file(state, str(ck / "model.safetensors"))
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("evaluate hung on a NaN concentration")
+
+    before = signal.signal(signal.SIGALRM, hung)  # the old sampler looped forever: fail instead of hanging
+    signal.alarm(60)
+    try:
+        fails("evaluate", ck, "--data", synth, "--out", tmp_path / "e", match="tau.raw_concentration")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)

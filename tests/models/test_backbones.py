@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from proseg.errors import ConfigError
 from proseg.models.backbones import UNet, create_backbone
 from proseg.models.backbones.resnet_unet import (
     ResNet34Encoder,
@@ -129,5 +130,5 @@ def test_unet_backbone_shapes_and_widths() -> None:
     net = create_backbone("unet", 2, widths=(8, 16, 32))
     assert isinstance(net, UNet) and net.out_channels == 8
     assert tuple(net(torch.randn(2, 2, 20, 28)).shape) == (2, 8, 20, 28)
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg'"):
         create_backbone("vgg", 1)

@@ -37,8 +37,10 @@ def debug_enabled() -> bool:
 
 
 def _message(exc: BaseException) -> str:
-    from proseg.errors import disk_full_message, is_disk_full
+    from proseg.errors import ProsegError, disk_full_message, is_disk_full
 
+    if isinstance(exc, ProsegError):  # its own message already says what happened (a full disk included)
+        return str(exc)
     if is_disk_full(exc):
         return disk_full_message(exc)
     if isinstance(exc, OSError) and not isinstance(exc, _OS_ERRORS):

@@ -10,9 +10,12 @@ import typer
 def info(
     dataset: Path = typer.Argument(..., help="A folder written by `proseg prepare`."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
-    verify: bool = typer.Option(False, "--verify", help="Recompute and check the sha256 of every file."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Also recompute and check the sha256 of every file (sizes, headers and the format "
+        "version are always checked)."
+    ),
 ) -> None:
-    """Describe a prepared dataset."""
+    """Describe a prepared dataset (a damaged one is refused with a message naming the file)."""
     import json
 
     from proseg.cli.errors import user_errors

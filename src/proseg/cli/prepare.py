@@ -25,7 +25,9 @@ def prepare(
     patients: list[str] | None = typer.Option(
         None, "--patients", help="Only patients matching these glob patterns (repeatable or comma-separated)."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing OUT: only a dataset written by proseg prepare, or an empty folder."
+    ),
     workers: int | None = typer.Option(None, help="Loader threads (default min(8, 2 x CPUs))."),
     task: str | None = typer.Option(None, help="qubiq: which task (e.g. task01) when cases hold several."),
     channels: str = typer.Option("t1,t1c,t2", help="npc: datasets stacked as channels, in order."),

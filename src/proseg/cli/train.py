@@ -17,8 +17,13 @@ def train(
     fold: Optional[int] = typer.Option(None, "--fold", help="Cross-validation fold (sets data.fold)."),  # noqa: UP045
     resume: Optional[Path] = typer.Option(  # noqa: UP045
         None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace the run in --out even when it has saved state (only a proseg run folder)."),
 ) -> None:
     """Train a model. Launch under ``torchrun --nproc-per-node=G --no-python proseg train ...`` for DDP.
+
+    A run folder without saved state (one that stopped before its first checkpoint) is started afresh by the
+    same command; one with saved state is continued with ``--resume RUN`` or replaced with ``--force``.
 
     Examples:
         proseg train -c configs/synthetic/proseg.yaml --data data/synth --out runs/proseg-f0 --fold 0
@@ -27,44 +32,45 @@ def train(
     from proseg.cli.errors import user_errors
 
     with user_errors():
-        _train(list(overrides or []), config, data, out, fold, resume)
+        _train(list(overrides or []), config, data, out, fold, resume, force)
 
 
 def _train(overrides: list[str], config: Path | None, data: Path | None, out: Path | None, fold: int | None,
-           resume: Path | None) -> None:
+           resume: Path | None, force: bool = False) -> None:
     import shlex
     import sys
 
+    from proseg.engine.checkpoint import plan_run_dir
     from proseg.engine.config import apply_overrides, load_config
     from proseg.engine.trainer import Trainer
     from proseg.errors import CommandError
 
     if resume is not None:
+        if force:
+            raise CommandError("--resume continues a run and --force replaces it; pass one of them")
         if config is not None:
             raise CommandError("--resume continues a run with its own config.yaml; do not pass --config too")
         if out is not None and out.resolve() != resume.resolve():
             raise CommandError("--resume writes into the run it continues; drop --out")
         if not (resume / "config.yaml").is_file():
             raise FileNotFoundError(f"{resume}: not a run directory (no config.yaml)")
+        plan_run_dir(resume, resume=True, force=False)  # fail now, not after loading the data
         cfg = load_config(resume / "config.yaml")
         run_dir = resume
     else:
         if out is None:
             raise CommandError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        plan_run_dir(out, resume=False, force=force)  # the one rule; the Trainer applies it (after the checks)
         cfg = load_config(config)
         run_dir = out
-        if (run_dir / "run.json").exists() or (run_dir / "checkpoints").exists():
-            raise FileExistsError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose "
-                                  f"another --out")
-        if run_dir.exists() and not run_dir.is_dir():
-            raise NotADirectoryError(f"{run_dir}: exists and is not a directory")
     if data is not None:
         cfg.data.path = str(data)
     if fold is not None:
         cfg.data.fold = fold
     apply_overrides(cfg, overrides)
     _check_writable(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=resume is not None, command=shlex.join(["proseg", *sys.argv[1:]]))
+    trainer = Trainer(cfg, run_dir, resume=resume is not None, force=force,
+                      command=shlex.join(["proseg", *sys.argv[1:]]))
     summary = trainer.fit()
     if trainer.dist.is_main:
         best = run_dir / "checkpoints" / "best"

@@ -206,8 +206,11 @@ def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, tuple[f
 
 
 def check_finite(image: np.ndarray, path: str | Path) -> None:
-    """Raise ``DataError`` when a floating image holds NaN or Inf (integer images are finite by type)."""
-    if np.issubdtype(image.dtype, np.floating) or np.issubdtype(image.dtype, np.complexfloating):
+    """Raise ``DataError`` when a floating image holds NaN or Inf (integer images are finite by type), or when
+    it is not real numbers at all (strings, objects, complex: a float32 cast would drop the imaginary part)."""
+    if np.issubdtype(image.dtype, np.complexfloating):
+        raise _fail(path, f"image has a complex dtype {image.dtype} (expected real intensities)")
+    if np.issubdtype(image.dtype, np.floating):
         if not np.isfinite(image).all():
             bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
             raise _fail(path, f"image holds {bad} NaN/Inf value(s)")

@@ -4,16 +4,22 @@ Pipeline: list cases (cheap) -> optional patient filter -> load + validate + sca
 rater order in a thread pool (PNG/NIfTI decoding releases the GIL) -> write the arrays, ``slices.csv``,
 ``volumes.json``, ``splits.json`` and ``manifest.json`` into a temporary sibling folder -> rename it to ``out``.
 Any error removes the temporary folder, so an interrupted or failed prepare leaves nothing that looks complete.
+
+The arrays are written with ordinary writes after reserving their whole size (``proseg.data.npyfile``), never
+through a writable memory map: a full disk is an ``OSError(ENOSPC)`` naming the file (one ``error:`` line in the
+CLI), not a SIGBUS. ``force`` replaces only a store (a folder whose ``manifest.json`` parses as a proseg
+manifest, holding nothing but the store's files) or an empty folder; anything else is refused and left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fnmatch
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from proseg.data.npyfile import NpyWriter, renamed_os_error
 from proseg.data.preprocess import (
     INTENSITY_MODES,
     RATER_ORDERS,
@@ -34,13 +41,15 @@ from proseg.data.preprocess import (
 from proseg.data.readers import READERS
 from proseg.data.readers.base import CaseRef
 from proseg.data.splits import make_splits
-from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, sha256_file
+from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, META_FILES, is_store, sha256_file
 from proseg.data.types import DataError
+from proseg.errors import CommandError
 from proseg.fsutil import staged_dir
 
 FORMATS = (*READERS, "synthetic")
+STORE_FILES = (*ARRAY_FILES, *META_FILES)  # every file of a store but manifest.json (which lists their sha256)
 
-__all__ = ["FORMATS", "PrepareResult", "prepare"]
+__all__ = ["FORMATS", "PrepareResult", "check_replaceable", "prepare"]
 
 
 @dataclass
@@ -138,12 +147,61 @@ def prepare(
         intensity: one of ``INTENSITY_MODES`` (``auto``: /255 for uint8 sources, per-case z-score otherwise).
         rater_order: ``as-stored`` or ``area-ranked``.
         patients: fnmatch patterns on patient ids; only matching patients are converted.
+        force: replace an existing ``out``, but only a store written by ``prepare`` or an empty folder.
         workers: threads for loading (default ``min(8, 2 * cpu_count)``).
         progress: called as ``progress(done, total)`` after each case.
     Raises:
-        DataError: bad input (nothing is left at ``out``), or ``out`` exists and ``force`` is False.
+        DataError: bad input (nothing is left at ``out``).
+        CommandError: ``out`` exists and ``force`` is False, or ``out`` is not something ``force`` replaces.
+        OSError: e.g. a full disk (``ENOSPC``, naming the file); the temporary folder is removed and an existing
+            ``out`` is left as it was.
     """
     t0 = time.perf_counter()
+    _check_options(fmt, intensity, rater_order, size)
+    out = Path(out)
+    check_replaceable(out, force)
+    cases, source_path = _list_cases(fmt, src, allow_missing_raters, reader_options, synthetic_options)
+    cases = _filter(cases, patterns=patients)
+    if not cases:
+        raise DataError(f"{src}: no cases match the patient filter {list(patients or [])}")
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{src}: case id {dup!r} appears twice (e.g. both 2D slice files and a 3D file)")
+    processed = _load_all(cases, size, intensity, rater_order, workers, progress)
+    _check_consistent(processed, src, rater_order)
+    processed = _in_store_order(processed, src)
+    first = processed[0]
+    rater_names = first.rater_names if rater_order == "as-stored" else [
+        f"rank-{i}" for i in range(len(first.rater_names))]
+    splits = make_splits([p.patient_id for p in processed], num_folds, val_fraction, seed)
+    options = {
+        "source": {
+            "format": fmt,
+            "path": source_path,
+            "reader_options": reader_options or {},
+            "synthetic_options": synthetic_options or {},
+            "patient_filter": list(patients or []),
+        },
+        "rater_names": rater_names,
+        "source_rater_names": first.rater_names,
+        "rater_order": rater_order,
+        "allow_missing_raters": allow_missing_raters,
+        "target_size": size,
+        "resize": {"pad": "centred square, source value 0 (its scaled value)", "image": "bilinear",
+                   "masks": "nearest"} if size is not None else None,
+        "intensity": {"mode": first.intensity, "requested": intensity,
+                      "description": _INTENSITY_DOC[first.intensity]},
+        "splits": {"num_folds": num_folds, "val_fraction": val_fraction, "seed": seed, "unit": "patient"},
+    }
+    with staged_dir(out) as tmp:
+        counts = _write_store(tmp, out, processed, splits, options)
+        check_replaceable(out, force)  # again: OUT may have changed while we worked; the swap follows
+    return PrepareResult(out, counts["rows"], counts["cases"], counts["patients"], counts["volumes"],
+                         len(rater_names), time.perf_counter() - t0)
+
+
+def _check_options(fmt: str, intensity: str, rater_order: str, size: int | None) -> None:
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if intensity not in INTENSITY_MODES:
@@ -152,10 +210,39 @@ def prepare(
         raise DataError(f"--rater-order must be one of {', '.join(RATER_ORDERS)}, got {rater_order!r}")
     if size is not None and size < 1:
         raise DataError(f"--size must be positive, got {size}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise DataError(f"{out}: already exists (use --force to replace it)")
 
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """Refuse to write ``out`` when it exists, unless ``force`` and it is a proseg store or an empty folder.
+
+    ``--force`` must never delete a user's own files: anything else at ``out`` (a file, a link, a folder holding
+    files that are not a store's) is refused with ``CommandError`` and left untouched.
+    """
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise CommandError(f"{out}: already exists (use --force to replace it)")
+    keep = "--force replaces only a dataset written by proseg prepare or an empty folder; nothing was deleted"
+    if out.is_symlink():
+        raise CommandError(f"{out}: is a symbolic link; {keep} (prepare into {out.resolve()} itself if you mean it)")
+    if not out.is_dir():
+        raise CommandError(f"{out}: exists and is not a folder; {keep}")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not is_store(out):
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise CommandError(f"{out}: is not a proseg dataset (no valid manifest.json; it holds {shown}); {keep}")
+    extra = [n for n in entries if n not in (*STORE_FILES, "manifest.json")]
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise CommandError(f"{out}: a proseg dataset, but it also holds other files ({shown}) that --force would "
+                           "delete; move them away first (nothing was deleted)")
+
+
+def _list_cases(fmt: str, src: str | Path, allow_missing_raters: bool, reader_options: dict[str, Any] | None,
+                synthetic_options: dict[str, Any] | None) -> tuple[list[CaseRef], str]:
+    """The source's cases (not loaded) and the source path recorded in the manifest."""
     if fmt == "synthetic":
         from proseg.data.synthetic import list_cases as synthetic_cases
 
@@ -163,19 +250,14 @@ def prepare(
             syn_seed = int(str(src))
         except ValueError as exc:
             raise DataError(f"synthetic: SRC must be an integer seed, got {src!r}") from exc
-        cases = synthetic_cases(seed=syn_seed, **(synthetic_options or {}))
-        source_path = f"seed={syn_seed}"
-    else:
-        cases = READERS[fmt](src, allow_missing_raters=allow_missing_raters, **(reader_options or {}))
-        source_path = str(Path(src).resolve())
-    cases = _filter(cases, patients)
-    if not cases:
-        raise DataError(f"{src}: no cases match the patient filter {list(patients or [])}")
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"{src}: case id {dup!r} appears twice (e.g. both 2D slice files and a 3D file)")
+        return synthetic_cases(seed=syn_seed, **(synthetic_options or {})), f"seed={syn_seed}"
+    cases = READERS[fmt](src, allow_missing_raters=allow_missing_raters, **(reader_options or {}))
+    return cases, str(Path(src).resolve())
 
+
+def _load_all(cases: list[CaseRef], size: int | None, intensity: str, rater_order: str, workers: int | None,
+              progress: Callable[[int, int], None] | None) -> list[_Processed]:
+    """Load and preprocess every case in a thread pool (decoding releases the GIL), in listing order."""
     n_workers = workers or min(8, 2 * (os.cpu_count() or 1))
     processed: list[_Processed] = []
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
@@ -189,7 +271,11 @@ def prepare(
             for f in futures:
                 f.cancel()
             raise
+    return processed
 
+
+def _check_consistent(processed: list[_Processed], src: str | Path, rater_order: str) -> None:
+    """Every case has the first one's intensity mode, in-plane size, channels (and raters, as stored)."""
     first = processed[0]
     modes = {p.intensity for p in processed}
     if len(modes) > 1:
@@ -207,11 +293,15 @@ def prepare(
         if rater_order == "as-stored" and p.rater_names != first.rater_names:
             raise DataError(f"{src}: case {p.case_id!r} has raters {p.rater_names}, "
                             f"{first.case_id!r} has {first.rater_names}")
-    # group the rows of one volume together, in slice order (2D slice files of one volume arrive separately)
+
+
+def _in_store_order(processed: list[_Processed], src: str | Path) -> list[_Processed]:
+    """Group the rows of one volume together, in slice order (2D slice files of one volume arrive separately);
+    refuse a slice given twice and a volume spanning two patients."""
     vol_order: dict[str, int] = {}
     for p in processed:
         vol_order.setdefault(p.volume_id, len(vol_order))
-    processed.sort(key=lambda p: (vol_order[p.volume_id], p.slice_indices[0]))
+    processed = sorted(processed, key=lambda p: (vol_order[p.volume_id], p.slice_indices[0]))
     seen_slices: dict[tuple[str, int], str] = {}
     for p in processed:
         for k in p.slice_indices:
@@ -224,96 +314,99 @@ def prepare(
         if pid_of_volume.setdefault(p.volume_id, p.patient_id) != p.patient_id:
             raise DataError(f"{src}: volume {p.volume_id!r} spans patients {pid_of_volume[p.volume_id]!r} "
                             f"and {p.patient_id!r}")
+    return processed
 
-    rater_names = first.rater_names if rater_order == "as-stored" else [
-        f"rank-{i}" for i in range(len(first.rater_names))]
-    splits = make_splits([p.patient_id for p in processed], num_folds, val_fraction, seed)
 
-    with staged_dir(out) as tmp:
-        n_rows = sum(p.image.shape[1] for p in processed)
-        r = first.masks.shape[0]
-        mm_img = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float32, (n_rows, channels, *hw))
-        mm_msk = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n_rows, r, *hw))
-        present = np.zeros((n_rows, r), bool)
-        perm = np.zeros((n_rows, r), np.int16)
-        records: list[tuple[int, str, str, str, int]] = []
-        volumes: dict[str, dict[str, Any]] = {}
+@contextlib.contextmanager
+def _writing(name: Path) -> Iterator[None]:
+    """Re-raise an OSError of the block (a full disk ...) naming ``name``, the file in OUT the user knows: a
+    bare write error names no file, and the temporary copy it was written to is deleted."""
+    try:
+        yield
+    except OSError as exc:
+        raise renamed_os_error(exc, name) from None
+
+
+def _write_store(tmp: Path, out: Path, processed: list[_Processed], splits: dict,
+                 options: dict[str, Any]) -> dict[str, int]:
+    """Write the arrays, ``slices.csv``, ``volumes.json``, ``splits.json`` and ``manifest.json`` into ``tmp``;
+    returns the manifest's counts. The arrays are streamed with ordinary writes (:class:`NpyWriter`), never
+    through a writable memory map, so a full disk raises ENOSPC instead of killing the process."""
+    first = processed[0]
+    n_rows = sum(p.image.shape[1] for p in processed)
+    channels, r, hw = first.image.shape[0], first.masks.shape[0], first.image.shape[-2:]
+    present = np.zeros((n_rows, r), bool)
+    perm = np.zeros((n_rows, r), np.int16)
+    records: list[tuple[int, str, str, str, int]] = []
+    volumes: dict[str, dict[str, Any]] = {}
+    with (NpyWriter(tmp / "images.npy", (n_rows, channels, *hw), np.float32, out / "images.npy") as w_img,
+          NpyWriter(tmp / "masks.npy", (n_rows, r, *hw), np.uint8, out / "masks.npy") as w_msk):
         row = 0
         for p in processed:
             s = p.image.shape[1]
-            mm_img[row : row + s] = np.moveaxis(p.image, 1, 0)
-            mm_msk[row : row + s] = np.moveaxis(p.masks, 1, 0)
+            w_img.write(np.moveaxis(p.image, 1, 0))
+            w_msk.write(np.moveaxis(p.masks, 1, 0))
             present[row : row + s] = p.present
             perm[row : row + s] = p.perm
             for j, k in enumerate(p.slice_indices):
                 cid = p.case_id if s == 1 else f"{p.case_id}/slice-{k}"
                 records.append((row + j, cid, p.patient_id, p.volume_id, k))
-            v = volumes.setdefault(p.volume_id, {
-                "case_id": p.case_id if s > 1 or p.volume_id == p.case_id else p.volume_id,
-                "patient_id": p.patient_id,
-                "num_slices": 0,
-                "spacing": list(p.spacing),
-                "affine": None if p.affine is None else np.asarray(p.affine).tolist(),
-                "geometry": p.geometry.to_json(),
-                **({"layout": "nifti: stored slice k = data[:, :, k] (x, y) -> (H, W)"}
-                   if p.affine is not None and s > 1 else {}),
-                **p.extra,
-            })
+            v = volumes.setdefault(p.volume_id, _volume_entry(p))
             v["num_slices"] += s
             row += s
-        mm_img.flush()
-        mm_msk.flush()
-        del mm_img, mm_msk
+    with _writing(out / "rater_present.npy"):
         np.save(tmp / "rater_present.npy", present)
+    with _writing(out / "rater_perm.npy"):
         np.save(tmp / "rater_perm.npy", perm)
-        with open(tmp / "slices.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["row", "case_id", "patient_id", "volume_id", "slice_index"])
-            w.writerows(records)
-        _write_json(tmp / "volumes.json", volumes)
-        _write_json(tmp / "splits.json", splits)
-        files = {}
-        for name in (*ARRAY_FILES, "slices.csv", "volumes.json", "splits.json"):
-            fp = tmp / name
-            files[name] = {"sha256": sha256_file(fp), "bytes": fp.stat().st_size}
-        import proseg
+    with _writing(out / "slices.csv"), open(tmp / "slices.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "case_id", "patient_id", "volume_id", "slice_index"])
+        w.writerows(records)
+    _write_json(tmp / "volumes.json", volumes, out)
+    _write_json(tmp / "splits.json", splits, out)
+    files = {}
+    for name in STORE_FILES:
+        fp = tmp / name
+        files[name] = {"sha256": sha256_file(fp), "bytes": fp.stat().st_size}
+    import proseg
 
-        n_patients = len({p.patient_id for p in processed})
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created_by": f"proseg {proseg.__version__}",
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {
-                "format": fmt,
-                "path": source_path,
-                "reader_options": reader_options or {},
-                "synthetic_options": synthetic_options or {},
-                "patient_filter": list(patients or []),
-            },
-            "counts": {
-                "rows": n_rows,
-                "cases": len(processed),
-                "volumes": len(volumes),
-                "patients": n_patients,
-                "absent_annotations": int((~present).sum()),
-            },
-            "shapes": {"images": [n_rows, channels, *hw], "masks": [n_rows, r, *hw]},
-            "num_channels": channels,
-            "num_raters": r,
-            "rater_names": rater_names,
-            "source_rater_names": first.rater_names,
-            "rater_order": rater_order,
-            "allow_missing_raters": allow_missing_raters,
-            "target_size": size,
-            "resize": {"pad": "centred square, source value 0 (its scaled value)", "image": "bilinear",
-                       "masks": "nearest"} if size is not None else None,
-            "intensity": {"mode": first.intensity, "requested": intensity,
-                          "description": _INTENSITY_DOC[first.intensity]},
-            "splits": {"num_folds": num_folds, "val_fraction": val_fraction, "seed": seed, "unit": "patient"},
-            "files": files,
-        }
-        _write_json(tmp / "manifest.json", manifest)
-    return PrepareResult(out, n_rows, len(processed), n_patients, len(volumes), r, time.perf_counter() - t0)
+    counts = {
+        "rows": n_rows,
+        "cases": len(processed),
+        "volumes": len(volumes),
+        "patients": len({p.patient_id for p in processed}),
+        "absent_annotations": int((~present).sum()),
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_by": f"proseg {proseg.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": options["source"],
+        "counts": counts,
+        "shapes": {"images": [n_rows, channels, *hw], "masks": [n_rows, r, *hw]},
+        "num_channels": channels,
+        "num_raters": r,
+        **{k: v for k, v in options.items() if k != "source"},
+        "files": files,
+    }
+    _write_json(tmp / "manifest.json", manifest, out)
+    return counts
+
+
+def _volume_entry(p: _Processed) -> dict[str, Any]:
+    """The ``volumes.json`` entry of the volume ``p`` belongs to (``num_slices`` is counted by the caller)."""
+    s = p.image.shape[1]
+    return {
+        "case_id": p.case_id if s > 1 or p.volume_id == p.case_id else p.volume_id,
+        "patient_id": p.patient_id,
+        "num_slices": 0,
+        "spacing": list(p.spacing),
+        "affine": None if p.affine is None else np.asarray(p.affine).tolist(),
+        "geometry": p.geometry.to_json(),
+        **({"layout": "nifti: stored slice k = data[:, :, k] (x, y) -> (H, W)"}
+           if p.affine is not None and s > 1 else {}),
+        **p.extra,
+    }
 
 
 _INTENSITY_DOC = {
@@ -324,7 +417,7 @@ _INTENSITY_DOC = {
 }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
+def _write_json(path: Path, obj: Any, out: Path) -> None:
+    with _writing(out / path.name), open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")

@@ -42,7 +42,7 @@ class Geometry:
 def resolve_intensity(mode: str, source_dtype: str) -> str:
     """``auto`` -> ``unit8`` (divide by 255) for uint8 sources, ``zscore`` (per case and channel) otherwise."""
     if mode not in INTENSITY_MODES:
-        raise ValueError(f"intensity mode must be one of {INTENSITY_MODES}, got {mode!r}")
+        raise DataError(f"intensity mode must be one of {INTENSITY_MODES}, got {mode!r}")
     if mode == "auto":
         return "unit8" if source_dtype == "uint8" else "zscore"
     return mode
@@ -74,7 +74,7 @@ def scale_intensity(image: np.ndarray, mode: str, source: str) -> tuple[np.ndarr
         rng = flat.std(axis=1, dtype=np.float64).astype(np.float32)
         rng = np.where(rng > 0, rng, 1.0).astype(np.float32)
     else:
-        raise ValueError(f"unknown intensity mode {mode!r}")
+        raise DataError(f"unknown intensity mode {mode!r}")
     shape = (c,) + (1,) * (x.ndim - 1)
     out = (x - lo.reshape(shape)) / rng.reshape(shape)
     return out.astype(np.float32, copy=False), (-lo / rng).astype(np.float32)
@@ -139,7 +139,7 @@ def order_raters(masks: np.ndarray, present: np.ndarray, order: str) -> tuple[np
         area = np.where(present, area, np.inf)
         perm = np.argsort(area, kind="stable")
     else:
-        raise ValueError(f"rater order must be one of {RATER_ORDERS}, got {order!r}")
+        raise DataError(f"rater order must be one of {RATER_ORDERS}, got {order!r}")
     return masks[perm], present[perm], perm
 
 
@@ -148,6 +148,8 @@ def validate_sample(s: Sample) -> None:
     src = s.source or s.case_id
     if s.image.ndim not in (3, 4):
         raise DataError(f"{src}: image must be (C,H,W) or (C,D,H,W), got shape {s.image.shape}")
+    if s.image.size == 0:
+        raise DataError(f"{src}: empty image of shape {s.image.shape}")
     if s.masks.ndim != s.image.ndim:
         raise DataError(f"{src}: masks {s.masks.shape} and image {s.image.shape} differ in rank")
     if s.masks.shape[1:] != s.image.shape[1:]:

@@ -12,6 +12,11 @@ Layout of a store folder (all arrays are plain ``.npy``, opened memory-mapped)::
     manifest.json      counts, shapes, rater names/order, source, intensity, target size, sha256 per file
 
 Rows of one volume are contiguous and in slice order.
+
+Opening a store always runs the cheap integrity checks (known ``format_version``, every file present with its
+recorded size, array headers and sizes matching the manifest, metadata parsing); ``open_store(path, verify=True)``
+also recomputes every sha256, which the training and evaluation path does by default. Each failure is a
+``DataError`` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -154,9 +159,10 @@ class Store:
     def _check_checksums(self) -> None:
         bad = self.verify()
         if bad:
+            # the action is the same for the CLI and the API; verify=False (documented) is for whoever insists
             raise DataError("; ".join(f"{self.path / name}: sha256 mismatch" for name in bad)
-                            + ": the file was altered after prepare; re-run proseg prepare "
-                            "(opening with verify=False skips this check)")
+                            + (": the files were" if len(bad) > 1 else ": the file was")
+                            + " altered after prepare; re-run proseg prepare")
 
     # -- pickling: never ship the memory maps (np.memmap pickles as a full copy) -----------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -357,9 +363,15 @@ def is_store(path: str | Path) -> bool:
     p = Path(path) / "manifest.json"
     try:
         with open(p) as f:
-            check_manifest(p, json.load(f))
-    except (OSError, ValueError):  # DataError is a ValueError
+            man = json.load(f)
+    except (OSError, ValueError):
         return False
+    try:
+        check_manifest(p, man)
+    except DataError:
+        # a store written by a newer proseg is still a store (this version cannot read it, but may replace it)
+        version = man.get("format_version") if isinstance(man, dict) else None
+        return isinstance(version, int) and version > FORMAT_VERSION and isinstance(man.get("files"), dict)
     return True
 
 

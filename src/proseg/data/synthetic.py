@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from proseg.data.types import Sample
+from proseg.data.types import DataError, Sample
 
 STYLES = ("over", "under", "smooth", "thin-miss")
 _G = np.uint64(0x9E3779B97F4A7C15)
@@ -158,7 +158,8 @@ def generate(
         indices = range(indices)
     idx = np.asarray(list(indices) if isinstance(indices, range) else indices, dtype=np.int64).reshape(-1)
     if num_raters < 1 or channels < 1 or size < 8:
-        raise ValueError("need num_raters >= 1, channels >= 1 and size >= 8")
+        raise DataError(f"synthetic: need num_raters (--raters) >= 1, channels (--image-channels) >= 1 and size "
+                        f"(--size) >= 8, got {num_raters}, {channels} and {size}")
     parts = [
         _generate_block(idx[i : i + _CHUNK], seed, size, num_raters, channels, with_truth)
         for i in range(0, max(len(idx), 1), _CHUNK)
@@ -295,7 +296,7 @@ def list_cases(
     from proseg.data.readers.base import CaseRef
 
     if cases < 1:
-        raise ValueError(f"--cases must be at least 1, got {cases}")
+        raise DataError(f"synthetic: --cases must be at least 1, got {cases}")
     out = []
     for start in range(0, cases, chunk):
         batch = generate(range(start, min(cases, start + chunk)), seed=seed, size=size, num_raters=num_raters,

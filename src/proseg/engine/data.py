@@ -10,17 +10,24 @@ import numpy as np
 
 from proseg.engine.config import Config
 from proseg.engine.evaluation import CaseData
+from proseg.errors import ConfigError, DataError
 
 # Manifest entries a checkpoint keeps so `proseg predict` can prepare raw inputs the way training data was.
 PREPROCESSING_KEYS = ("intensity", "target_size", "size", "rater_order", "format")
 
 
-def open_dataset(path: str) -> Any:
+def open_dataset(path: str, verify: bool = True) -> Any:
+    """Open the store at ``path`` for training or evaluation.
+
+    ``verify`` (the default here) recomputes every file's sha256 against the manifest: a model must never be
+    trained or scored on a store whose bytes changed after ``prepare``, and hashing costs about a second per
+    few hundred MB. The cheap checks (sizes, headers, format version) always run.
+    """
     from proseg.data.store import open_store
 
     if not path:
-        raise ValueError("no dataset: set data.path in the config or pass --data PATH (a `proseg prepare` output)")
-    return open_store(path)
+        raise ConfigError("no dataset: set data.path in the config or pass --data PATH (a `proseg prepare` output)")
+    return open_store(path, verify=verify)
 
 
 def dataset_meta(store: Any) -> dict[str, Any]:
@@ -68,13 +75,14 @@ def train_data(cfg: Config) -> Any:
     from proseg.data.dataset import MultiRaterDataset
     from proseg.engine.trainer import TrainData
 
-    store = open_dataset(cfg.data.path)
+    store = open_dataset(cfg.data.path, verify=cfg.data.verify)
     fold = cfg.data.fold
     if not 0 <= fold < store.num_folds:
-        raise ValueError(f"data.fold={fold} but {store.path} has {store.num_folds} folds (0..{store.num_folds - 1})")
+        raise ConfigError(f"data.fold={fold} but {store.path} has {store.num_folds} folds "
+                          f"(0..{store.num_folds - 1})")
     train_rows = store.rows(fold, "train")
     if len(train_rows) == 0:
-        raise ValueError(f"{store.path}: fold {fold} has no training slices")
+        raise DataError(f"{store.path}: fold {fold} has no training slices")
     augment = AugmentConfig(**cfg.data.augment_args) if cfg.data.augment else None
     dataset = MultiRaterDataset(store, train_rows, augment=augment, seed=cfg.train.seed)
     load_case, cases_of = case_loader(store)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from proseg.errors import CommandError, ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,22 +40,31 @@ def env_dist_info() -> DistInfo:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as exc:
-        raise RuntimeError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
+        raise CommandError(f"the environment variables RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from exc
     if world < 1 or not 0 <= rank < world:
-        raise RuntimeError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+        raise CommandError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
     return DistInfo(rank=rank, world_size=world, local_rank=local)
 
 
-def resolve_device(spec: str, info: DistInfo) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; ``cuda`` -> ``cuda:<local_rank>``."""
+def resolve_device(spec: str, info: DistInfo, key: str = "device") -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; ``cuda`` -> ``cuda:<local_rank>``.
+
+    A device this machine does not have raises :class:`ConfigError` naming ``key`` (the config key or option).
+    """
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
-        spec = f"cuda:{info.local_rank % max(torch.cuda.device_count(), 1)}"
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"{key}={spec}: not a device (use auto, cpu, cuda or cuda:N)") from exc
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={spec} but CUDA is not available on this machine (use {key}=cpu or auto)")
+        count = torch.cuda.device_count()
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank % max(count, 1))
+        elif device.index >= count:
+            raise ConfigError(f"{key}={spec} but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}")
         torch.cuda.set_device(device)
     return device
 
@@ -63,7 +74,7 @@ def init_distributed(device: torch.device, info: DistInfo) -> None:
     if not info.enabled or (dist.is_available() and dist.is_initialized()):
         return
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
 

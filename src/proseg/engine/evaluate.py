@@ -102,7 +102,7 @@ def evaluate_checkpoint(
         raise FileExistsError(f"{out_dir}: already exists (use --force to replace it)")
     _check_writable(out_dir)
 
-    dev = resolve_device(device, info)
+    dev = resolve_device(device, info, key="--device")
     init_distributed(dev, info)
     store = open_dataset(str(data))
     model = load_model(ckpt_dir, map_location=dev)

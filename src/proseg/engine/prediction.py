@@ -335,7 +335,7 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     """Predict every input under ``input_path`` into ``output`` (a folder); returns the report dict."""
     from proseg.engine.checkpoint import file_sha256, resolve_checkpoint
     from proseg.models import load_model
-    from proseg.models.base import WEIGHTS_NAME
+    from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME
 
     inp, out = Path(input_path), Path(output)
     if out.exists() and not force:
@@ -345,12 +345,12 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     if num_samples < 1:
         raise CommandError(f"--samples must be >= 1, got {num_samples}")
     ckpt_dir = resolve_checkpoint(checkpoint)
-    meta = json.loads((ckpt_dir / "model.json").read_text())
+    files = list_inputs(inp)
+    model = load_model(ckpt_dir, map_location=device)  # validates model.json and the weights, eval mode
+    meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
     dataset = meta.get("dataset") or {}
     prep_meta = dataset.get("preprocessing") or {}
-    files = list_inputs(inp)
-    model = load_model(ckpt_dir, map_location=device)
-    model.to(device).eval()
+    model.to(device)
     rater_names = list(dataset.get("rater_names") or [f"{r}" for r in range(model.num_raters)])
     if len(rater_names) != model.num_raters:
         rater_names = [f"{r}" for r in range(model.num_raters)]

@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from proseg.errors import ConfigError
+
 
 class GlobalBatchSampler(DistributedSampler):
     """Shuffles the training part once per epoch and deals each **global** batch out to the ranks.
@@ -26,14 +28,15 @@ class GlobalBatchSampler(DistributedSampler):
                  seed: int = 0, shuffle: bool = True) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         if global_batch % num_replicas != 0:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by the {num_replicas} processes")
+            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {num_replicas} processes "
+                              f"(the global batch is split evenly over the ranks)")
         self.global_batch = global_batch
         self.local_batch = global_batch // num_replicas
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batches_per_epoch = self.n // global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the training part has {self.n} samples, fewer than one batch of {global_batch} "
-                             f"(lower train.batch_size)")
+            raise ConfigError(f"train.batch_size={global_batch}: the training part has only {self.n} samples, "
+                              f"fewer than one batch (lower train.batch_size)")
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:  # type: ignore[override]

@@ -13,6 +13,12 @@ One process, one GPU, or many processes on many machines (DDP under ``torchrun``
   and ``torch.compile`` see an ordinary forward.
 * A non-finite loss (or gradient norm) skips the step on every rank, logs the terms that went bad, and
   aborts with :class:`NonFiniteLossError` after ``train.max_nonfinite`` such steps in a row.
+* After every optimizer step one fused check (``torch._foreach_norm``, one all-reduced flag under DDP) looks
+  for NaN/Inf in the weights, floating buffers and optimizer moments. A step that left any stops training at
+  once with :class:`NonFiniteLossError` (which step, which tensors, the step's loss terms, and the checkpoint
+  that really holds the last good state), before a validation or checkpoint can see the broken weights.
+* Run folders follow one rule (:func:`proseg.engine.checkpoint.plan_run_dir`): without saved state they start
+  afresh, with saved state they need ``resume`` or ``force``. Checkpoint folders are swapped in whole.
 
 Hooks (override in a subclass, nnU-Net style): ``on_train_start``, ``on_epoch_start``, ``train_step``,
 ``on_train_step_end``, ``validate``, ``on_validation_end``, ``on_epoch_end``, ``on_train_end``.
@@ -25,6 +31,7 @@ import hashlib
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +49,9 @@ from proseg.engine import checkpoint as ckpt
 from proseg.engine.config import Config, config_to_yaml, validate_config
 from proseg.engine.distributed import (
     DistInfo,
+    all_gather_objects,
     all_reduce_flag,
-    barrier,
+    broadcast_object,
     env_dist_info,
     init_distributed,
     is_dist,
@@ -53,9 +61,10 @@ from proseg.engine.evaluation import CaseData, evaluate_cases, resolve_modes, se
 from proseg.engine.logger import RunLogger
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.schedule import build_optimizer, lr_factor, set_lr
-from proseg.errors import NonFiniteLossError
+from proseg.errors import CheckpointError, ConfigError, NonFiniteError, NonFiniteLossError, ProsegError
+from proseg.fsutil import empty_dir
 from proseg.metrics.aggregate import aggregate
-from proseg.models.base import MultiRaterModel
+from proseg.models.base import MultiRaterModel, nonfinite_tensors
 
 
 class _LossModule(nn.Module):
@@ -105,11 +114,16 @@ class Trainer:
         data: the datasets (default: built from ``cfg.data.path``).
         model: a model instance to train (default: ``create_model`` from ``cfg.model`` and the data's C, R).
         resume: continue the run in ``run_dir`` from its last saved state.
+        force: replace the run in ``run_dir`` even when it has saved state (only a proseg run folder).
         command: the command line, recorded in ``run.json``.
+
+    A ``run_dir`` without saved state (a run that stopped before its first checkpoint) is started afresh;
+    one with saved state needs ``resume`` or ``force`` (see :func:`proseg.engine.checkpoint.plan_run_dir`).
     """
 
     def __init__(self, cfg: Config, run_dir: str | os.PathLike[str], *, data: TrainData | None = None,
-                 model: MultiRaterModel | None = None, resume: bool = False, command: str = "") -> None:
+                 model: MultiRaterModel | None = None, resume: bool = False, force: bool = False,
+                 command: str = "") -> None:
         self.cfg = cfg
         if model is None:
             validate_config(cfg)
@@ -120,10 +134,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        self.device = resolve_device(cfg.train.device, self.dist)
+        self.device = resolve_device(cfg.train.device, self.dist, key="train.device")
         init_distributed(self.device, self.dist)
         if cfg.train.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs CUDA (use bf16 on CPU)")
+            raise ConfigError(f"train.precision=fp16 needs CUDA, and this run is on {self.device} (use bf16 on CPU)")
         seed_all(derive_seed(cfg.train.seed, self.dist.rank, -1))
 
         if data is None:
@@ -132,11 +146,7 @@ class Trainer:
             data = train_data(cfg)
         self.data = data
         if model is None:
-            from proseg.models import create_model
-
-            model = create_model(cfg.model.name, in_channels=int(data.meta["in_channels"]),
-                                 num_raters=int(data.meta["num_raters"]), preset=cfg.model.preset,
-                                 **cfg.model.args)
+            model = self._build_model(data)
             if cfg.model.init_from:
                 self._init_weights(model, cfg.model.init_from)
         self.model: MultiRaterModel = model.to(self.device)
@@ -169,16 +179,11 @@ class Trainer:
         self.last_val_step = -1
         self.command = command
 
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
+        self._open_run_dir(resume, force)
         resume_step: int | None = None
         if resume:
             self._load_state()
             resume_step = self.step
-        elif self.dist.is_main and (self.run_dir / ckpt.LAST_DIR / ckpt.STATE_NAME).exists():
-            raise FileExistsError(f"{self.run_dir}: already holds a run; continue it with --resume or pick "
-                                  f"another output directory")
         self.logger = RunLogger(self.run_dir, "log", resume_step) if self.dist.is_main else None
         self.val_logger = RunLogger(self.run_dir, "val", resume_step, tensorboard=False) \
             if self.dist.is_main else None
@@ -186,19 +191,71 @@ class Trainer:
             self._write_run_files(resume)
 
     # --- set-up helpers --------------------------------------------------------------------------------
+    def _build_model(self, data: TrainData) -> MultiRaterModel:
+        """``create_model`` from ``cfg.model``; a constructor's ValueError (a bad value) names ``model.args``."""
+        from proseg.models import create_model
+
+        m = self.cfg.model
+        try:
+            return create_model(m.name, in_channels=int(data.meta["in_channels"]),
+                                num_raters=int(data.meta["num_raters"]), preset=m.preset, **m.args)
+        except ProsegError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"model.args: {exc} (model.name={m.name}, model.preset={m.preset}, "
+                              f"args {m.args})") from exc
+
     @staticmethod
     def _init_weights(model: MultiRaterModel, source: str) -> None:
-        """Load the weights of checkpoint ``source`` strictly into ``model`` (same architecture)."""
-        from safetensors.torch import load_file
+        """Load the weights of checkpoint ``source`` strictly into ``model`` (same architecture); refuse a file
+        that cannot be read and weights with NaN/Inf (a run must not start from a diverged checkpoint)."""
+        from proseg.models.base import WEIGHTS_NAME, read_weights
 
-        from proseg.models.base import WEIGHTS_NAME
-
-        src = ckpt.resolve_checkpoint(source)
-        state = load_file(str(src / WEIGHTS_NAME))
+        try:
+            src = ckpt.resolve_checkpoint(source)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"model.init_from={source}: {exc}") from exc
+        path = src / WEIGHTS_NAME
+        try:
+            state = read_weights(path)  # refuses a truncated / garbled file and NaN/Inf weights, naming them
+        except CheckpointError as exc:
+            raise CheckpointError(f"model.init_from={source}: {exc}") from exc
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"model.init_from={source}: its weights do not fit the configured model ({exc})") from exc
+            raise CheckpointError(f"model.init_from={source}: the weights in {path} do not fit the configured "
+                                  f"model ({exc})") from exc
+
+    def _open_run_dir(self, resume: bool, force: bool) -> None:
+        """Apply the run-folder rule on rank 0 (see :func:`ckpt.plan_run_dir`); every rank gets its verdict."""
+        err: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                self._prepare_run_dir(resume, force)
+            except (ProsegError, OSError) as exc:
+                err = exc
+        shared = broadcast_object(err)  # also the barrier: the folder is ready before any rank reads it
+        if err is not None:
+            raise err
+        if shared is not None:
+            raise shared
+
+    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+        run = self.run_dir
+        plan = ckpt.plan_run_dir(run, resume=resume, force=force)
+        if plan == "resume":
+            ckpt.recover_checkpoints(run)  # a crash in the middle of a checkpoint swap: put the old one back
+        elif plan == "replace":
+            state = ckpt.saved_state(run)
+            step = ckpt.checkpoint_step(state.parent) if state is not None else None
+            self._say(f"--force: replacing the run in {run}" + (f" (it was at step {step})" if step else ""))
+            empty_dir(run, first=("checkpoints",))  # the saved state first: a cut-short delete is not resumable
+        elif plan == "afresh":
+            self._say(f"no saved state in {run}; starting afresh")
+            for stale in ("checkpoints", "tensorboard"):  # the logs and run files are rewritten anyway
+                if (run / stale).is_dir():
+                    shutil.rmtree(run / stale)
+        run.mkdir(parents=True, exist_ok=True)
 
     def _val_modes(self) -> list[str]:
         mode = self.cfg.train.val_mode
@@ -261,30 +318,57 @@ class Trainer:
                 "val_score": score, "dataset": {k: v for k, v in self.data.meta.items() if k != "rows"}}
 
     def save_checkpoint(self, best: bool = False, score: float | None = None) -> None:
-        """Rank 0 writes ``checkpoints/last`` (weights + state.pt) and, when ``best``, ``checkpoints/best``."""
-        if self.dist.is_main:
-            from proseg.models import save_model
+        """Rank 0 writes ``checkpoints/last`` (weights + state.pt) and, when ``best``, ``checkpoints/best``.
 
-            if best:
-                save_model(self.model, self.run_dir / ckpt.BEST_DIR, extra=self._model_extra(score))
+        Each folder is swapped in whole (:func:`ckpt.write_checkpoint`); a failed save (a full disk ...) keeps
+        the previous folders and raises :class:`CheckpointError` on every rank, saying which steps they hold.
+        """
+        err: CheckpointError | None = None
+        if self.dist.is_main:
+            extra = self._model_extra(score)
             last = self.run_dir / ckpt.LAST_DIR
-            save_model(self.model, last, extra=self._model_extra(score))
-            ckpt.save_state(last / ckpt.STATE_NAME, self.state_dict())  # last: it marks the checkpoint complete
-        barrier()
+            try:
+                if best:  # best before last: a crash in between re-validates and re-saves best on resume
+                    ckpt.write_checkpoint(self.run_dir / ckpt.BEST_DIR, self.model, extra, untouched=(last,))
+                ckpt.write_checkpoint(last, self.model, extra, state=self.state_dict())
+            except CheckpointError as exc:
+                err = exc
+        msg = broadcast_object(None if err is None else str(err))  # also the barrier after the save
+        if err is not None:
+            raise err
+        if msg is not None:
+            raise CheckpointError(msg)
+
+    _STATE_KEYS = ("model", "optimizer", "scaler", "rng", "step", "best_score", "best_step", "elapsed",
+                   "nonfinite_run", "skipped_steps", "last_val_step")
 
     def _load_state(self) -> None:
+        """Restore everything from ``checkpoints/last/state.pt``; a file that does not fit raises
+        :class:`CheckpointError` (:class:`ConfigError` for a changed global batch) naming it."""
         path = self.run_dir / ckpt.LAST_DIR / ckpt.STATE_NAME
         state = ckpt.load_state(path, map_location="cpu")
+        missing = [k for k in self._STATE_KEYS if k not in state]
+        if not missing and not isinstance(state["model"], dict):
+            missing = ["model weights"]
+        if missing:
+            raise CheckpointError(f"{path}: not a proseg training state (no {', '.join(missing)})")
         if state.get("global_batch") != self.cfg.train.batch_size:
-            raise ValueError(f"{path}: saved with train.batch_size={state.get('global_batch')}, the config now "
-                             f"says {self.cfg.train.batch_size}; resume with the same global batch")
+            raise ConfigError(f"{path}: saved with train.batch_size={state.get('global_batch')}, the config now "
+                              f"says {self.cfg.train.batch_size}; resume with the same global batch")
+        bad = nonfinite_tensors(state["model"])
+        if bad:
+            raise CheckpointError(f"{path}: non-finite weights (NaN/Inf) in {_few(bad)}; it cannot be resumed")
         try:
             self.model.load_state_dict(state["model"], strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"{path}: weights do not match the configured model ({exc})") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"])
+            raise CheckpointError(f"{path}: weights do not match the configured model ({exc})") from exc
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            ckpt.restore_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: its optimizer / scaler / RNG state does not fit this run "
+                                  f"({type(exc).__name__}: {exc})") from exc
         self.step = int(state["step"])
         self.best_score = state["best_score"]
         self.best_step = state["best_step"]
@@ -359,13 +443,86 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_run += 1
         self.skipped_steps += 1
-        self._say(f"step {self.step}: {why}; step skipped ({self.nonfinite_run} in a row, "
+        self._say(f"step {self.step + 1}: {why}; step skipped ({self.nonfinite_run} in a row, "
                   f"limit train.max_nonfinite={self.cfg.train.max_nonfinite})", warn=True)
         if self.nonfinite_run >= self.cfg.train.max_nonfinite:
             raise NonFiniteLossError(
                 f"{self.nonfinite_run} consecutive steps with a non-finite loss or gradient (last: {why}) at step "
-                f"{self.step}; lower optim.lr, enable optim.grad_clip, or check the data. The last good state is in "
-                f"{self.run_dir / ckpt.LAST_DIR}")
+                f"{self.step + 1}; lower optim.lr, set optim.grad_clip, or check the data. {self._last_good()}")
+
+    # --- divergence ------------------------------------------------------------------------------------
+    def _watched_tensors(self) -> list[Tensor]:
+        """Weights, floating buffers and optimizer moments: what one optimizer step can turn NaN/Inf."""
+        ts = [p.detach() for p in self.model.parameters() if p.numel()]
+        ts += [b for b in self.model.buffers() if b.is_floating_point() and b.numel()]
+        for st in self.optimizer.state.values():
+            ts += [v for k, v in st.items() if k != "step" and isinstance(v, Tensor) and v.is_floating_point()
+                   and v.numel()]
+        return ts
+
+    def _nonfinite_labels(self) -> list[str]:
+        """Readable names of the watched tensors holding NaN/Inf (only computed once the cheap check failed)."""
+        labels = [f"weight {n}" for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        labels += [f"buffer {n}" for n, b in self.model.named_buffers()
+                   if b.is_floating_point() and not bool(torch.isfinite(b).all())]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p, st in self.optimizer.state.items():
+            labels += [f"optimizer {k} of {names.get(id(p), '?')}" for k, v in st.items()
+                       if k != "step" and isinstance(v, Tensor) and v.is_floating_point()
+                       and not bool(torch.isfinite(v).all())]
+        return labels
+
+    def check_finite_state(self, out: dict[str, float]) -> None:
+        """Right after an optimizer step: stop when it left NaN/Inf in a weight, buffer or optimizer moment.
+
+        The check is one fused ``_foreach_norm`` (L1, see :func:`_abs_sums`), one host sync, and under DDP one
+        all-reduced flag so that every rank stops at the same step.
+        """
+        ts = self._watched_tensors()
+        if not ts:
+            return
+        norms = _abs_sums(ts)
+        bad = not bool(torch.isfinite(torch.stack([n.to(self.device) for n in norms])).all())
+        if is_dist():
+            bad = all_reduce_flag(bad)
+        if bad:
+            self._diverged(out)
+
+    def _diverged(self, out: dict[str, float]) -> None:
+        """Stop training: name the step, the tensors that went non-finite, the loss terms and the last good state;
+        the trainer is first reset to that state when one was saved (never to the broken weights)."""
+        labels: list[str] = []
+        for part in all_gather_objects(self._nonfinite_labels()):  # every rank's names (they should agree)
+            labels += [x for x in part if x not in labels]
+        if not labels:  # finite, but |values| summing past the float range: diverged all the same
+            labels = ["weights / optimizer moments too large to sum in float32"]
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.items()) if k != "skipped") or "none"
+        step = self.step + 1
+        hint = self._last_good()
+        if (self.run_dir / ckpt.LAST_DIR / ckpt.STATE_NAME).is_file():
+            with contextlib.suppress(ProsegError):  # the message matters more than the in-memory reset
+                self._load_state()
+        raise NonFiniteLossError(
+            f"step {step}: the optimizer step left non-finite values (NaN/Inf) in {_few(labels)} "
+            f"although its loss was finite (loss terms: {terms}); training stopped before anything used them. "
+            f"Lower optim.lr or set optim.grad_clip. {hint}")
+
+    def _last_good(self, suspect_from: int | None = None) -> str:
+        """Where the last good state of this run really is (checked on disk), and how to go on from it.
+
+        ``suspect_from``: the step whose weights failed; a checkpoint saved at or after it holds them too.
+        """
+        state = ckpt.saved_state(self.run_dir)
+        step = ckpt.checkpoint_step(state.parent) if state is not None else None
+        if state is None:
+            return (f"No checkpoint was saved yet, so there is nothing to resume: run the same "
+                    f"`proseg train ... --out {self.run_dir}` again with the changed config (a run folder "
+                    f"without saved state starts afresh)")
+        if suspect_from is not None and (step is None or step >= suspect_from):
+            return (f"The last saved state, {state.parent} (step {step}), already holds these weights: start "
+                    f"over with `proseg train ... --out {self.run_dir} --force` and the changed config")
+        return (f"The last good state is {state.parent} (step {step}): continue with `proseg train --resume "
+                f"{self.run_dir} optim.lr=...` (unchanged, the resumed run repeats the same steps)")
 
     # --- validation -------------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any] | None:
@@ -377,10 +534,20 @@ class Trainer:
             return None
         t0 = time.time()
         modes = self._val_modes()  # at validation time: a model's outputs can depend on its training stage
-        records, _, _ = evaluate_cases(
-            self.model, cases, self.data.load_case, modes=modes, num_samples=self.cfg.train.val_num_samples,
-            conventions=("standard",), estimator="v", seed=self.cfg.train.seed, batch_size=self.cfg.eval.batch_size,
-            rank=self.dist.rank, world_size=self.dist.world_size)
+        try:
+            records, _, _ = evaluate_cases(
+                self.model, cases, self.data.load_case, modes=modes, num_samples=self.cfg.train.val_num_samples,
+                conventions=("standard",), estimator="v", seed=self.cfg.train.seed,
+                batch_size=self.cfg.eval.batch_size, rank=self.dist.rank, world_size=self.dist.world_size)
+        except NonFiniteError as exc:  # e.g. the metrics refuse NaN predictions (NonFiniteInputError)
+            # Finite but diverged weights (e.g. a huge learning rate) can still give NaN outputs: say so, with
+            # the step and the checkpoint that holds the last good state, instead of a bare metrics error.
+            streak = (f"; the last {self.nonfinite_run} step(s) had a non-finite loss and were skipped"
+                      if self.nonfinite_run else "")
+            raise NonFiniteLossError(
+                f"step {self.step}: validation failed ({exc}): the weights are finite but the model's outputs "
+                f"are not, the training has diverged{streak}. Lower optim.lr or set optim.grad_clip. "
+                f"{self._last_good(suspect_from=self.step - self.nonfinite_run)}") from exc
         mode = modes[0]
         summary = aggregate([r for r in records if r["mode"] == mode and r["convention"] == "standard"])["metrics"]
         score, higher = selection_score(summary, self.cfg.train.val_metric)
@@ -444,6 +611,8 @@ class Trainer:
                     factor = lr_factor(self.step, self.total_steps, self.cfg.optim, self._budget_progress(t_mark))
                     lr = set_lr(self.optimizer, factor)
                     out = self.train_step(batch)
+                    if not out.get("skipped"):
+                        self.check_finite_state(out)  # before a validation or checkpoint can use the weights
                     self.step += 1
                     now = time.time()
                     self.elapsed += now - t_mark
@@ -534,6 +703,29 @@ def _supports(model: MultiRaterModel, mode: str) -> bool:
     from proseg.engine.evaluation import supports
 
     return supports(model, mode)
+
+
+def _few(names: Sequence[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _abs_sums(ts: list[Tensor]) -> list[Tensor]:
+    """Sum of |x| of each tensor, fused where torch has ``_foreach_norm``: NaN/Inf when the tensor holds one.
+
+    The L1 norm: it is 3x cheaper than the max-norm on CPU, and unlike the L2 norm it does not overflow for the
+    squares of large finite values (Adam's ``exp_avg_sq`` already holds squares). Half-precision tensors are
+    summed in float32 so that their sum cannot overflow.
+    """
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is None:  # pragma: no cover - older torch
+        return [t.abs().sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else None) for t in ts]
+    low = [t for t in ts if t.dtype in _LOW_PRECISION]
+    rest = [t for t in ts if t.dtype not in _LOW_PRECISION] if low else ts
+    out = list(foreach(rest, ord=1)) if rest else []
+    return out + (list(foreach(low, ord=1, dtype=torch.float32)) if low else [])
 
 
 def all_reduce_min_finite(loss: Tensor) -> bool:

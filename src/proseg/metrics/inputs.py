@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from proseg.errors import NonFiniteInputError
 from proseg.metrics.pairwise import as_counting
 
 # Predictions are binarised with a strict ">" at this value for IoU/Dice/CI (as the published code does).
@@ -51,7 +52,7 @@ def _check_values(labels: torch.Tensor, preds: torch.Tensor) -> None:
         lo_t, hi_t = torch.aminmax(preds)  # one pass; NaN propagates into both
         lo, hi = float(lo_t), float(hi_t)
         if lo != lo or hi != hi:
-            raise ValueError("preds contain NaN")
+            raise NonFiniteInputError("preds contain NaN")
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"preds must be probabilities in [0, 1] or binary; found values in [{lo:g}, {hi:g}] "

@@ -29,6 +29,8 @@ class NotSupportedError(NotImplementedError):
 SAMPLING_METHODS: tuple[str, ...] = ("sample_personalized", "sample_diverse")
 _WRAPPED = "__proseg_inference_call__"
 _ACTIVE = "_proseg_sampling_active"
+_CONTRACT_NOTE = ("Runs with every submodule in eval mode and under ``torch.no_grad()`` (``grad=True``: the caller's "
+                  "grad mode), and leaves every training flag, parameter and buffer as it found them.")
 
 
 @contextlib.contextmanager
@@ -79,6 +81,8 @@ def _inference_call(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         ps.insert(at, inspect.Parameter("grad", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"))
         sig = sig.replace(parameters=ps)
     call.__signature__ = sig  # type: ignore[attr-defined]
+    if "grad=True" not in (fn.__doc__ or ""):  # help(model.sample_...) states the contract for every model
+        call.__doc__ = (inspect.cleandoc(fn.__doc__ or "") + "\n\n" + _CONTRACT_NOTE).strip()
     setattr(call, _WRAPPED, True)
     return call
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from proseg.data.readers import folder, lidc_kaggle, lidc_pickle, npc, qubiq
 from proseg.data.readers.base import CaseRef
-from proseg.data.types import Sample
+from proseg.data.types import DataError, Sample
 
 READERS = {
     "lidc-kaggle": lidc_kaggle.list_cases,
@@ -27,7 +27,7 @@ __all__ = ["READERS", "CaseRef", "list_cases", "read_samples"]
 def list_cases(fmt: str, src: str | Path, **options: Any) -> list[CaseRef]:
     """List the cases of ``src`` in format ``fmt`` (one of ``READERS``); options go to that reader."""
     if fmt not in READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(READERS)}")
+        raise DataError(f"unknown format {fmt!r}; choose one of {sorted(READERS)}")
     return READERS[fmt](src, **options)
 
 

@@ -64,11 +64,15 @@ def list_cases(src: str | Path, allow_missing_raters: bool = False) -> list[Case
             seen[skey] = f
             if not isinstance(value, dict) or "image" not in value or "masks" not in value:
                 raise DataError(f"{f}: entry {skey!r} is not a dict with 'image' and 'masks'")
+            _check_masks_container(value["masks"], f"{f} [entry {skey!r}]")
             entries.append((skey, f, value))
     if not entries:
         raise no_cases(root, LAYOUT)
     counts = {len(v["masks"]) for _, _, v in entries}
     num_raters = max(counts)
+    if num_raters == 0:
+        key, f, _ = entries[0]
+        raise DataError(f"{f} [entry {key!r}]: 'masks' is empty in every entry (no rater masks at all)")
     if len(counts) > 1 and not allow_missing_raters:
         key, f, v = next(e for e in entries if len(e[2]["masks"]) != num_raters)
         raise DataError(
@@ -78,28 +82,55 @@ def list_cases(src: str | Path, allow_missing_raters: bool = False) -> list[Case
     names = [f"mask-{i}" for i in range(num_raters)]
     cases = []
     for key, f, value in entries:
-        uid = str(value.get("series_uid", ""))
+        uid = _text(value.get("series_uid", ""))
         pid = patient_from(key, uid)
         cases.append(CaseRef(key, pid, _loader(key, pid, f, value, names)))
     return cases
 
 
+def _check_masks_container(raw: Any, where: str) -> None:
+    """``masks`` must be a list/tuple of H x W arrays or one R x H x W array (anything else: ``DataError``)."""
+    if isinstance(raw, np.ndarray):
+        if raw.ndim != 3:
+            raise DataError(f"{where}: 'masks' must be a list of H x W arrays or an R x H x W array, got an "
+                            f"array of shape {raw.shape}")
+    elif not isinstance(raw, (list, tuple)):
+        raise DataError(f"{where}: 'masks' must be a list of H x W arrays, got {type(raw).__name__}")
+
+
+def _text(v: Any) -> str:
+    """A ``series_uid`` as text (Python-2 pickles may hold it as bytes)."""
+    return v.decode("latin1") if isinstance(v, (bytes, bytearray)) else str(v)
+
+
+def _as_array(v: Any, where: str, what: str) -> np.ndarray:
+    """``np.asarray(v)`` with a ``DataError`` for what numpy cannot make an array of (ragged nested lists ...)
+    and for non-numeric contents (strings, dicts, None)."""
+    try:
+        arr = np.asarray(v)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where}: {what} is not an array ({type(v).__name__}: {exc})") from exc
+    numeric = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.bool_
+    if not numeric:  # strings, None / dicts (object), complex: nothing a CT slice or a mask can be
+        raise DataError(f"{where}: {what} must be a numeric array, got {type(v).__name__} of dtype {arr.dtype}")
+    return arr
+
+
 def _loader(key: str, pid: str, path: Path, value: dict[str, Any], names: list[str]):
     def load() -> Sample:
         where = f"{path} [entry {key!r}]"
-        img = np.asarray(value["image"])
+        img = _as_array(value["image"], where, "'image'")
         if img.ndim == 3 and img.shape[-1] == 1:
             img = img[..., 0]
-        if img.ndim != 2:
+        if img.ndim != 2 or img.size == 0:
             raise DataError(f"{where}: image must be H x W, got shape {img.shape}")
         check_finite(img, where)
         raw_masks = value["masks"]
-        if not isinstance(raw_masks, (list, tuple, np.ndarray)):
-            raise DataError(f"{where}: 'masks' must be a list of H x W arrays, got {type(raw_masks).__name__}")
+        _check_masks_container(raw_masks, where)
         masks = np.zeros((len(names),) + img.shape, bool)
         present = np.zeros(len(names), bool)
         for i, m in enumerate(raw_masks):
-            m = np.asarray(m)
+            m = _as_array(m, where, f"mask {i}")
             if m.shape != img.shape:
                 raise DataError(f"{where}: image/mask shape mismatch: mask {i} {m.shape} vs image {img.shape}")
             masks[i] = to_binary_mask(m, f"{where} mask {i}")
@@ -112,7 +143,7 @@ def _loader(key: str, pid: str, path: Path, value: dict[str, Any], names: list[s
             patient_id=pid,
             rater_names=list(names),
             source=where,
-            extra={"series_uid": str(value.get("series_uid", "")), "source_dtype": str(img.dtype)},
+            extra={"series_uid": _text(value.get("series_uid", "")), "source_dtype": str(img.dtype)},
         )
 
     return load

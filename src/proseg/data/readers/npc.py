@@ -80,7 +80,10 @@ def _loader(path: Path, pid: str, slice_idx: str | None, labels: list[str], name
             present[i] = True
         spacing: tuple[float, ...] = ()
         if "voxel_spacing" in data:
-            sp = np.asarray(data["voxel_spacing"], dtype=np.float64).ravel()
+            try:
+                sp = np.asarray(data["voxel_spacing"], dtype=np.float64).ravel()
+            except (ValueError, TypeError) as exc:  # e.g. a string dataset
+                raise DataError(f"{path}: voxel_spacing is not a list of numbers ({exc})") from exc
             if not np.isfinite(sp).all() or (sp <= 0).any():
                 raise DataError(f"{path}: invalid voxel_spacing {sp.tolist()}")
             spacing = tuple(float(v) for v in sp)
