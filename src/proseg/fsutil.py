@@ -157,3 +157,26 @@ def reserve_space(fd: int, size: int) -> None:
     except OSError as exc:
         if exc.errno not in unsupported:
             raise
+
+
+def check_writable(path: Path) -> None:
+    """Refuse early, before any work, an output ``path`` that cannot be created: its nearest existing ancestor must
+    be a writable folder. Raises NotADirectoryError / PermissionError naming ``path`` and the blocking ancestor."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{path}: cannot write here ({probe} is a file)")
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"{path}: cannot write here ({probe} is not writable)")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks (flat memory for any size)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
