@@ -11,7 +11,21 @@ import pytest
 from data_builders import disk, make_lidc_pickle, write_nifti, write_png
 
 from proseg.data import DataError
-from proseg.data.io import check_finite, read_array, read_hdf5, read_nifti, read_npy, read_npz, read_png, to_binary_mask
+from proseg.data.io import (
+    check_finite,
+    file_kind,
+    nifti_spatial,
+    npz_keys,
+    read_array,
+    read_hdf5,
+    read_nifti,
+    read_npy,
+    read_npz,
+    read_npz_array,
+    read_png,
+    to_binary_mask,
+)
+from proseg.data.npyfile import read_npy_header
 from proseg.data.safe_pickle import safe_load_pickle
 
 
@@ -39,6 +53,7 @@ def test_nifti_roundtrip_keeps_affine_and_truncated_fails(tmp_path: Path) -> Non
     np.testing.assert_array_equal(vol.data, a)
     np.testing.assert_allclose(vol.affine, aff)
     assert vol.zooms == pytest.approx((0.7, 0.8, 2.0))
+    assert tuple(vol.header.get_data_shape()) == a.shape and vol.header.get_data_dtype() == np.int16
     raw = (tmp_path / "v.nii.gz").read_bytes()
     (tmp_path / "t.nii.gz").write_bytes(raw[: len(raw) - 20])
     with pytest.raises(DataError, match=r"t\.nii\.gz: unreadable or truncated NIfTI"):
@@ -57,6 +72,36 @@ def test_npy_npz_refuse_object_arrays(tmp_path: Path) -> None:
         read_array(tmp_path / "two.npz")
     with pytest.raises(DataError, match="no array 'c'"):
         read_npz(tmp_path / "two.npz", "c")
+    assert npz_keys(tmp_path / "two.npz") == ["a", "b"]
+    np.testing.assert_array_equal(read_npz_array(tmp_path / "two.npz", prefer=("c", "b")), np.ones(2))
+    with pytest.raises(DataError, match=r"two\.npz: 2 arrays \['a', 'b'\] and none named \['c'\]"):
+        read_npz_array(tmp_path / "two.npz", prefer=("c",))
+    np.savez(tmp_path / "one.npz", x=np.arange(3))
+    np.testing.assert_array_equal(read_npz_array(tmp_path / "one.npz", prefer=("c",)), np.arange(3))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"junk\.npz: unreadable \.npz file"):
+        npz_keys(tmp_path / "junk.npz")
+
+
+def test_npy_header_of_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((2, 3), np.float32))
+    assert read_npy_header(tmp_path / "a.npy").shape == (2, 3)
+    raw = bytearray((tmp_path / "a.npy").read_bytes())
+    raw[6] = 9  # the major version byte after the magic string
+    (tmp_path / "a.npy").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"a\.npy: not a valid \.npy file, its header is damaged \(unsupported \.npy "
+                                        r"version \(9, 0\)\)"):
+        read_npy_header(tmp_path / "a.npy")
+
+
+def test_file_kind_by_extension_and_nifti_slice_layout() -> None:
+    kinds = {"a.nii.gz": "nifti", "a.NII": "nifti", "a.png": "image", "a.JPEG": "image", "a.npy": "npy",
+             "a.npz": "npz", "a.h5": "hdf5", "a.hdf5": "hdf5", "a.txt": None, "nii": None}
+    assert {name: file_kind(name) for name in kinds} == kinds
+    assert nifti_spatial(np.zeros((4, 5, 1)), "x").shape == (4, 5)
+    assert nifti_spatial(np.arange(60).reshape(4, 5, 3), "x")[2, 1, 0] == np.arange(60).reshape(4, 5, 3)[1, 0, 2]
+    with pytest.raises(DataError, match=r"v\.nii: expected a 2D or 3D NIfTI image, got shape \(2, 3, 4, 5\)"):
+        nifti_spatial(np.zeros((2, 3, 4, 5)), "v.nii")
 
 
 def test_hdf5_missing_dataset_and_truncated(tmp_path: Path) -> None:

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 from proseg.cli.main import app
 from proseg.data import DataError
 from proseg.data.prepare import prepare
+from proseg.data.preprocess import INTENSITY_MODES, canonical_intensity, recorded_intensity, resolve_intensity
 from proseg.data.splits import make_splits
 from proseg.data.store import open_store
+from proseg.errors import ProsegWarning
 
 runner = CliRunner()
 
@@ -39,7 +41,7 @@ def test_cli_prepare_info_lidc_kaggle(tmp_path: Path) -> None:
     m = store.manifest
     assert m["counts"] == {"rows": 16, "cases": 16, "volumes": 16, "patients": 4, "absent_annotations": 0}
     assert m["shapes"] == {"images": [16, 1, 16, 16], "masks": [16, 4, 16, 16]}
-    assert m["intensity"]["mode"] == "unit8" and m["rater_order"] == "as-stored"
+    assert m["intensity"]["mode"] == "uint8" and m["rater_order"] == "as-stored"
     assert m["splits"]["seed"] == 3 and store.splits["seed"] == 3 and store.num_folds == 2
     assert store.images.dtype == np.float32 and store.masks.dtype == np.uint8
     assert 0.0 <= store.images.min() and store.images.max() <= 1.0
@@ -217,6 +219,39 @@ def test_failure_while_writing_removes_the_temporary_folder(tmp_path: Path, monk
     with pytest.raises(OSError, match="disk full"):
         prepare("lidc-kaggle", src, tmp_path / "o" / "ds", num_folds=2)
     assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_intensity_uint8_keeps_reading_and_accepting_its_old_spelling_unit8(tmp_path: Path) -> None:
+    src = make_lidc_kaggle(tmp_path / "src", nodules=1, slices=1)
+    out = tmp_path / "ds"
+    # the old spelling is still accepted on the command line (a deprecated alias), and recorded as uint8
+    res = runner.invoke(app, ["prepare", "lidc-kaggle", str(src), str(out), "--folds", "2", "--intensity", "unit8",
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    assert "warning: --intensity unit8 is the old spelling of uint8" in res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["intensity"]["mode"] == man["intensity"]["requested"] == "uint8"
+    # a store written before the rename (its manifest says unit8) opens, verifies and reports uint8
+    man["intensity"]["mode"] = man["intensity"]["requested"] = "unit8"
+    (out / "manifest.json").write_text(json.dumps(man))
+    store = open_store(out, verify=True)
+    assert store.manifest["intensity"]["mode"] == store.manifest["intensity"]["requested"] == "uint8"
+    assert json.loads(_run("info", out, "--json"))["intensity"] == "uint8"
+    assert "intensity uint8" in _run("info", out)
+    with pytest.warns(ProsegWarning, match="old spelling"):
+        prepare("lidc-kaggle", src, tmp_path / "api", num_folds=2, intensity="unit8")
+    assert open_store(tmp_path / "api").manifest["intensity"]["requested"] == "uint8"
+
+
+def test_canonical_intensity_maps_only_the_old_spelling() -> None:
+    assert canonical_intensity("unit8") == "uint8"
+    assert [canonical_intensity(m) for m in INTENSITY_MODES] == list(INTENSITY_MODES)
+    assert "unit8" not in INTENSITY_MODES
+    assert resolve_intensity("unit8", "float32") == resolve_intensity("auto", "uint8") == "uint8"
+    # what manifests and checkpoints record: the manifest's dict, or a bare mode in old checkpoints
+    assert recorded_intensity({"mode": "unit8", "requested": "auto"}) == recorded_intensity("unit8") == "uint8"
+    assert recorded_intensity({"mode": "zscore"}) == "zscore"
+    assert recorded_intensity(None) is None and recorded_intensity({}) is None
 
 
 def test_info_json_with_one_rater_is_valid_json(tmp_path: Path) -> None:

@@ -16,8 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
-from proseg.engine.evaluation import CaseData
-from proseg.engine.trainer import TrainData
+from proseg.engine.types import CaseData, TrainData
 from proseg.models.base import MultiRaterModel
 
 

@@ -155,6 +155,19 @@ def test_score_the_predictions(proseg_run: Path, synth: Path, tmp_path: Path) ->
     assert rec["num_labels"] == 4 and rec["num_predictions"] == 4 and 0.0 <= rec["ged"] <= 2.0
 
 
+def test_score_choices_are_the_metrics_constants() -> None:
+    """``proseg score`` spells its choices out (importing the metrics would load torch on ``--help``): they must
+    stay the metrics' own ``CONVENTIONS``, ``ESTIMATORS`` and ``DEFAULT_THRESHOLDS``."""
+    import inspect
+
+    from proseg.cli.score import ConventionChoice, EstimatorChoice, _parse_thresholds, score
+    from proseg.metrics import CONVENTIONS, DEFAULT_THRESHOLDS, ESTIMATORS
+
+    assert tuple(c.value for c in ConventionChoice) == CONVENTIONS
+    assert tuple(e.value for e in EstimatorChoice) == ESTIMATORS
+    assert _parse_thresholds(inspect.signature(score).parameters["thresholds"].default) == DEFAULT_THRESHOLDS
+
+
 def test_model_without_personalized_output_falls_back_clearly(synth: Path, tmp_path: Path) -> None:
     run = tmp_path / "pu"
     ok("train", "-c", REPO / "configs" / "synthetic" / "prob_unet.yaml", "--data", synth, "--out", run,
@@ -280,7 +293,7 @@ def test_predict_hdf5_case_with_a_three_channel_model(other_data: dict[str, Path
 
 def test_demo_end_to_end_tiny(tmp_path: Path) -> None:
     """The demo's real path (two processes side by side), scaled down to seconds."""
-    from proseg.engine.demo import run_demo
+    from proseg.commands.demo import run_demo
 
     out = tmp_path / "demo"
     report = run_demo(out, minutes=0.05, cases=24, eval_cases=2, num_samples=2, batch_size=4)
@@ -294,7 +307,7 @@ def test_demo_end_to_end_tiny(tmp_path: Path) -> None:
     assert len(figs) == 4 and all(f"figures/{f.name}" in text for f in figs)
     assert json.loads((out / "demo.json").read_text())["runs"]["proseg"]["steps"] >= 1
     # a second demo into the same folder clears the previous results and keeps the prepared data for reuse
-    from proseg.engine.demo import _prepare_out
+    from proseg.commands.demo import _prepare_out
 
     _prepare_out(out, force=False)
     assert sorted(p.name for p in out.iterdir()) == ["data"]

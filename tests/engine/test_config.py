@@ -8,13 +8,13 @@ import pytest
 
 from proseg.engine.config import (
     Config,
-    ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_yaml,
     load_config,
     validate_config,
 )
+from proseg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,8 @@ from proseg.engine import checkpoint as ckpt
 from proseg.engine.config import load_config
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.schedule import lr_factor
-from proseg.engine.trainer import NonFiniteLossError, Trainer
+from proseg.engine.trainer import Trainer
+from proseg.errors import NonFiniteLossError
 
 BASE = ["train.batch_size=8", "train.log_every=1", "train.device=cpu", "optim.lr=0.01", "train.deterministic=true",
         "optim.warmup_steps=2"]
@@ -191,3 +192,52 @@ def test_checkpoint_every_also_saves_at_epoch_ends_without_validation(tmp_path: 
     with pytest.raises(Crash):
         CrashAt5(cfg, tmp_path / "run", data=toy_data(), model=TinyConvModel(1, 2)).fit()
     assert torch.load(tmp_path / "run" / ckpt.LAST_DIR / ckpt.STATE_NAME, weights_only=True)["step"] == 4
+
+
+class SGDTrainer(Trainer):
+    """A variant that overrides only the optimizer (nnU-Net style): plain SGD over all parameters."""
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.model.parameters(), lr=self.cfg.optim.lr, momentum=0.9)
+
+
+def test_a_variant_overriding_only_build_optimizer_trains(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = load_config(None, BASE + ["train.epochs=2"])
+    t = SGDTrainer.from_config(cfg, tmp_path / "run", data=toy_data(), model=TinyConvModel(1, 2))
+    assert isinstance(t, SGDTrainer) and isinstance(t.optimizer, torch.optim.SGD)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    summary = t.fit()
+    assert summary["steps"] == 8 and math.isfinite(summary["last"]["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(0.005) and rows[1]["lr"] == pytest.approx(0.01)  # the schedule drives SGD
+    state = torch.load(tmp_path / "run" / ckpt.LAST_DIR / ckpt.STATE_NAME, weights_only=True)
+    assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+    resumed = SGDTrainer.from_config(cfg, tmp_path / "run", data=toy_data(), model=TinyConvModel(1, 2), resume=True)
+    assert resumed.step == 8 and isinstance(resumed.optimizer, torch.optim.SGD)
+
+
+def test_hooks_are_no_ops_and_the_loop_validates_on_its_own(tmp_path: Path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    class Recording(Trainer):
+        def on_epoch_end(self, epoch: int) -> None:  # no super(): validation must not depend on it
+            calls.append(("epoch_end", epoch))
+
+        def on_validation_end(self, summary: dict) -> None:
+            calls.append(("validated", self.step))
+
+    torch.manual_seed(0)
+    cfg = load_config(None, BASE + ["train.epochs=2"])
+    Recording(cfg, tmp_path / "run", data=toy_data(), model=TinyConvModel(1, 2)).fit()
+    assert calls == [("validated", 4), ("epoch_end", 0), ("validated", 8), ("epoch_end", 1)]
+    assert ckpt.checkpoint_step(tmp_path / "run" / ckpt.LAST_DIR) == 8
+
+
+def test_from_config_reads_a_yaml_path(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 3\n  device: cpu\n  batch_size: 8\noptim:\n  optimizer: adam\n")
+    t = Trainer.from_config(path, tmp_path / "run", data=toy_data(), model=TinyConvModel(1, 2))
+    assert type(t) is Trainer and t.total_steps == 3 and type(t.optimizer) is torch.optim.Adam
+    assert t.fit()["steps"] == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
+from proseg.metrics.uncertainty import diverse_uncertainty, uncertainty_maps
 
 
 def test_golden_two_raters_two_samples() -> None:

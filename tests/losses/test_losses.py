@@ -1,9 +1,23 @@
-"""Losses: exact checks against closed forms, torch.distributions and the reference GDL definition."""
+"""Losses: exact checks against closed forms, torch.distributions and the reference GDL definition; the registry of
+segmentation-loss names; the weighted mean over pairs."""
 
+import pytest
 import torch
-from torch.distributions import Dirichlet, Normal, kl_divergence
+from torch.distributions import Dirichlet, MultivariateNormal, Normal, kl_divergence
 
-from proseg.losses import bce_loss, dirichlet_kl, gaussian_kl, generalized_dice_loss
+from proseg.errors import ConfigError
+from proseg.losses import (
+    bce_loss,
+    dirichlet_kl,
+    full_gaussian_kl_isotropic,
+    gaussian_kl,
+    generalized_dice_loss,
+    get_loss,
+    list_losses,
+    mask_channel_dice_loss,
+    segmentation_loss,
+    weighted_mean,
+)
 
 
 def test_dirichlet_kl_matches_torch_and_monte_carlo() -> None:
@@ -59,3 +73,61 @@ def test_bce_weighted() -> None:
     target = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
     assert abs(bce_loss(logits, target).item() - torch.log(torch.tensor(2.0)).item()) < 1e-6
     assert abs(bce_loss(logits, target, torch.tensor([1.0, 0.0])).item() - 0.6931472) < 1e-6
+
+
+def test_channel_dice_pools_over_the_batch_and_weights_pairs() -> None:
+    p = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]])  # (B=2, C=1, 2 px)
+    t = torch.tensor([[[1.0, 1.0]], [[1.0, 0.0]]])
+    # pooled: sum pt = 1 + 0.5, sum p + t = 3 + 2 -> Dice 3/5
+    assert float(mask_channel_dice_loss(p, t)) == pytest.approx(1 - 0.6)
+    # second pair weighted 0: Dice 2*1/(1+2)
+    assert float(mask_channel_dice_loss(p, t, torch.tensor([1.0, 0.0]))) == pytest.approx(1 - 2 / 3)
+    assert float(mask_channel_dice_loss(p, t, torch.zeros(2))) == 0.0
+
+
+def test_full_covariance_kl_matches_torch_distributions() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = 5
+    mu = torch.randn(4, d, generator=g, dtype=torch.float64) * 3
+    lower = torch.tril(torch.randn(4, d, d, generator=g, dtype=torch.float64))
+    lower.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(4, d, generator=g, dtype=torch.float64) + 0.1)
+    prior_std = 2.0
+    ours = full_gaussian_kl_isotropic(mu, lower, prior_std)
+    prior = MultivariateNormal(torch.zeros(d, dtype=torch.float64),
+                               scale_tril=prior_std * torch.eye(d, dtype=torch.float64))
+    ref = kl_divergence(MultivariateNormal(mu, scale_tril=lower), prior)
+    torch.testing.assert_close(ours, ref)
+    # zero at the prior itself
+    zero = full_gaussian_kl_isotropic(torch.zeros(d), prior_std * torch.eye(d), prior_std)
+    assert abs(zero.item()) < 1e-5
+
+
+def test_loss_registry_names_and_dispatch() -> None:
+    assert list_losses() == ["bce", "gdl", "gdl+bce", "gdl_per_sample"]
+    logits = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    target = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    w = torch.tensor([1.0, 0.0, 1.0])
+    expected = {
+        "gdl": generalized_dice_loss(logits, target, w, pooled=True),
+        "gdl_per_sample": generalized_dice_loss(logits, target, w, pooled=False),
+        "bce": bce_loss(logits, target, w),
+        "gdl+bce": generalized_dice_loss(logits, target, w) + bce_loss(logits, target, w),
+    }
+    for name, value in expected.items():
+        assert torch.equal(get_loss(name)(logits, target, w), value), name
+        assert torch.equal(segmentation_loss(name, logits, target, w), value), name
+
+
+def test_unknown_loss_name_is_a_config_error_listing_the_names() -> None:
+    with pytest.raises(ConfigError, match=r"unknown seg_loss 'dice'; segmentation losses: bce, gdl, gdl\+bce"):
+        get_loss("dice")
+    with pytest.raises(ConfigError, match="unknown stage2_loss"):
+        get_loss("dice", key="stage2_loss")
+    with pytest.raises(ValueError):  # a ConfigError is a ValueError too
+        segmentation_loss("nope", torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_weighted_mean() -> None:
+    v = torch.tensor([1.0, 2.0, 4.0])
+    assert float(weighted_mean(v, torch.tensor([1.0, 0.0, 1.0]))) == 2.5
+    assert float(weighted_mean(v, torch.zeros(3))) == 0.0  # nothing used: 0, not NaN

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,28 +12,22 @@ import pytest
 from typer.testing import CliRunner
 
 from proseg.cli.main import app
-from proseg.metrics import case_metrics
+from proseg.metrics import RECORD_KEYS, case_metrics
 
 runner = CliRunner()
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
-JSON_KEYS = [
-    "ged",
-    "ged_cross",
-    "ged_labels",
-    "ged_preds",
-    "dice_soft",
-    "dice_max",
-    "dice_max_reverse",
-    "dice_match",
-    "dice_per_rater_matched",
-    "dice_per_rater",
-    "ci_score",
-    "s_ncc",
-    "convention",
-    "estimator",
-    "num_labels",
-    "num_predictions",
-]
+
+def _documented_keys() -> list[str]:
+    """The record keys in the order of docs/metrics.md's table under "`case_metrics` returns these keys"."""
+    text = METRICS_DOC.read_text()
+    table = text[text.index("`case_metrics` returns these keys"):].split("\n\n")[1]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    return [key for cell in rows for key in re.findall(r"`(\w+)`", cell)]
+
+
+def test_record_keys_are_the_documented_ones_in_order() -> None:
+    assert list(RECORD_KEYS) == _documented_keys()
 
 
 def _case(seed: int, n: int = 4, k: int = 4, shape: tuple[int, ...] = (12, 12)) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +49,7 @@ def test_single_npy_json_has_exactly_the_documented_keys(tmp_path: Path) -> None
     code, out = _run(str(tmp_path / "l.npy"), str(tmp_path / "p.npy"), "--json")
     assert code == 0, out
     rec = json.loads(out)
-    assert list(rec) == JSON_KEYS
+    assert list(rec) == list(RECORD_KEYS)
     expected = case_metrics(labels, preds)
     for key in ("ged", "dice_soft", "dice_match", "ci_score", "s_ncc"):
         assert rec[key] == pytest.approx(expected[key], abs=1e-12)
@@ -131,6 +126,7 @@ def test_folders_summary_and_csv(tmp_path: Path) -> None:
         ("mixed", "both be files or both be folders"),
         ("pickle", "cannot read"),
         ("npz_ambiguous", "none named"),
+        ("truncated_nifti", "p.nii.gz: cannot read preds: unreadable or truncated NIfTI file"),
     ],
 )
 def test_clear_errors(tmp_path: Path, setup: str, message: str) -> None:
@@ -160,6 +156,12 @@ def test_clear_errors(tmp_path: Path, setup: str, message: str) -> None:
     elif setup == "npz_ambiguous":
         pp = tmp_path / "p.npz"
         np.savez(pp, x=preds, y=preds)
+    elif setup == "truncated_nifti":
+        import nibabel as nib
+
+        pp = tmp_path / "p.nii.gz"
+        nib.save(nib.Nifti1Image(np.moveaxis(preds, 0, -1), np.eye(4)), str(pp))
+        pp.write_bytes(pp.read_bytes()[:-20])
     code, out = _run(str(lp), str(pp))
     assert code != 0
     assert message in out

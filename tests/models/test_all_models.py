@@ -8,23 +8,25 @@ Which sampling calls a model supports is read from the *instance* flags ``suppor
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from proseg.models import MultiRaterModel, NotSupportedError, create_model, list_models, load_model, save_model
+from proseg.errors import ConfigError
+from proseg.models import (
+    MultiRaterModel,
+    NotSupportedError,
+    create_model,
+    get_model_class,
+    list_models,
+    load_model,
+    save_model,
+)
 
 MODELS = list_models()
 H = W = 16
 B = 2
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_model(name: str, in_channels: int = 1, num_raters: int = 3, seed: int = 0) -> MultiRaterModel:
@@ -51,6 +53,40 @@ def test_registry_has_the_issue_models() -> None:
     for name in MODELS:
         cls = type(make_model(name))
         assert {"default", "tiny"} <= set(cls.PRESETS), f"{name}: presets {sorted(cls.PRESETS)}"
+
+
+def _options(model: MultiRaterModel) -> dict:
+    """The model's plain configuration attributes (rater_sampling, loss weights, flags ...)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {k: v for k, v in vars(model).items() if not k.startswith("_") and isinstance(v, plain)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_constructor_defaults_are_the_default_preset(name: str) -> None:
+    """smp's rule: ``Cls(C, R)`` is the recommended model, the one ``create_model(name, ...)`` builds."""
+    cls = get_model_class(name)
+    assert cls.PRESETS["default"] == {}, f"{name}: the default preset must be the constructor's defaults"
+    C, R = 1, 3
+    torch.manual_seed(0)
+    direct = cls(C, R)
+    torch.manual_seed(0)
+    built = create_model(name, in_channels=C, num_raters=R)
+    assert built.init_config == {"name": name, "in_channels": C, "num_raters": R, "preset": "default",
+                                 **built.config_updates()}
+    assert _options(direct) == _options(built)
+    sd_a, sd_b = direct.state_dict(), built.state_dict()
+    assert [(k, v.shape) for k, v in sd_a.items()] == [(k, v.shape) for k, v in sd_b.items()]
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), f"{name}: equally seeded builds differ"
+    with pytest.raises(AttributeError):  # no record of the arguments: save_model refuses rather than guess
+        direct.init_config  # noqa: B018
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_an_unknown_loss_name_fails_at_construction(name: str) -> None:
+    options = [k for k in ("seg_loss", "stage2_loss") if k in inspect.signature(get_model_class(name)).parameters]
+    for key in options:
+        with pytest.raises(ConfigError, match=f"unknown {key} 'dice'; segmentation losses: bce, gdl"):
+            create_model(name, preset="tiny", **{key: "dice"})
 
 
 @pytest.mark.parametrize("name", MODELS)

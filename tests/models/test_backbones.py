@@ -15,15 +15,6 @@ from proseg.models.backbones.resnet_unet import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

@@ -20,15 +20,6 @@ from proseg.models.confusion import (
 R, C, H = 3, 2, 12
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(name: str, **overrides):
     torch.manual_seed(0)
     return create_model(name, in_channels=C, num_raters=R, preset="tiny", **overrides)

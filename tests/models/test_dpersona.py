@@ -9,20 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from proseg.models import NotSupportedError, create_model, load_model, save_model
-from proseg.models._gaussian_nets import mask_channel_dice_loss
 from proseg.models.base import WEIGHTS_NAME
 from proseg.models.dpersona import DPersona, bound_loss
 
 H = W = 16
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(b: int = 2, r: int = 3, c: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -69,16 +59,6 @@ def test_bound_loss_hand_computed_and_over_present_raters_only() -> None:
     two = torch.cat([masks, torch.ones_like(masks)])
     pres = torch.tensor([[True, True, True], [False, False, False]])
     assert float(bound_loss(torch.cat([samples, torch.zeros_like(samples)]), two, pres)) == pytest.approx(5 / 26)
-
-
-def test_channel_dice_pools_over_the_batch_and_weights_pairs() -> None:
-    p = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]])  # (B=2, C=1, 2 px)
-    t = torch.tensor([[[1.0, 1.0]], [[1.0, 0.0]]])
-    # pooled: sum pt = 1 + 0.5, sum p + t = 3 + 2 -> Dice 3/5
-    assert float(mask_channel_dice_loss(p, t)) == pytest.approx(1 - 0.6)
-    # second pair weighted 0: Dice 2*1/(1+2)
-    assert float(mask_channel_dice_loss(p, t, torch.tensor([1.0, 0.0]))) == pytest.approx(1 - 2 / 3)
-    assert float(mask_channel_dice_loss(p, t, torch.zeros(2))) == 0.0
 
 
 def test_stage1_trains_everything_but_the_heads() -> None:
@@ -129,6 +109,24 @@ def test_stage_hand_over_strict_load_and_frozen_stage1(tmp_path: Path) -> None:
     save_model(model2, tmp_path / "s2")
     model3 = load_model(tmp_path / "s2")
     assert isinstance(model3, DPersona) and model3.stage == 2 and model3.supports_personalized
+
+
+def test_stage_is_an_explicit_option_and_the_flag_a_plain_attribute() -> None:
+    model = create_model("dpersona", in_channels=1, num_raters=3, preset="tiny")
+    built = model.init_config
+    assert built["stage"] == 1 and model.stage == 1
+    assert vars(model)["supports_personalized"] is False and DPersona.supports_personalized is False
+    model.set_stage(2)
+    assert model.init_config["stage"] == 2 and built["stage"] == 1  # derived from the stage, nothing mutated
+    assert model.supports_personalized is True
+    model.loss(_batch(), generator=torch.Generator().manual_seed(0))  # training mode: trained_stage = 2
+    model.set_stage(1)
+    assert model.init_config["stage"] == 1 and model.supports_personalized  # its heads have been trained
+    fresh = create_model("dpersona", in_channels=1, num_raters=3, preset="tiny")
+    assert not fresh.supports_personalized
+    fresh.load_state_dict(model.state_dict())  # trained_stage 2 comes with the weights
+    assert fresh.stage == 1 and fresh.supports_personalized
+    assert create_model(**fresh.init_config).stage == 1
 
 
 def test_projection_reads_out_the_set_and_averages_logits() -> None:

@@ -15,15 +15,6 @@ SMALL = {"backbone_cfg": {"widths": (4, 6, 8), "norm": True}, "latent_levels": 2
          "ups_width": 4}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(b: int = 2, r: int = 3, c: int = 1, seed: int = 0, size: tuple[int, int] = (H, W)) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {

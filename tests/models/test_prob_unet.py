@@ -1,4 +1,4 @@
-"""Prob. U-Net: the loss terms against hand-computed ones, fcomb, rater selection, masking, sampling."""
+"""Prob. U-Net: the loss terms against hand-computed ones, fcomb, masking, sampling."""
 
 from __future__ import annotations
 
@@ -8,18 +8,9 @@ import torch.nn.functional as F
 from torch.distributions import Independent, Normal, kl_divergence
 
 from proseg.models import NotSupportedError, create_model
-from proseg.models._gaussian_nets import Fcomb, choose_present_rater, training_pairs
+from proseg.models._gaussian_nets import Fcomb
 
 H = W = 16
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(b: int = 2, r: int = 3, c: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,21 +61,6 @@ def test_fcomb_equals_tiling_and_concatenation() -> None:
         for conv in fcomb.hidden:
             x = F.relu(conv(x))
         torch.testing.assert_close(out[:, k], fcomb.last(x)[:, 0], rtol=1e-5, atol=1e-5)
-
-
-def test_rater_choice_is_uniform_over_present_raters() -> None:
-    present = torch.tensor([[True, False, True, False], [False, False, False, True], [False] * 4])
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(3, 4)
-    for _ in range(400):
-        idx, valid = choose_present_rater(present, g)
-        counts[torch.arange(3), idx] += 1
-    assert valid.tolist() == [True, True, False]
-    assert counts[0, 1] == 0 and counts[0, 3] == 0 and counts[1, :3].sum() == 0
-    assert 150 < counts[0, 0] < 250  # ~Binomial(400, 1/2)
-    target, weight = training_pairs(torch.ones(3, 4, 2, 2), present, "one", torch.Generator().manual_seed(1))
-    assert target.shape == (3, 1, 2, 2) and weight[:, 0].tolist() == [True, True, False]
-    assert target[2].sum() == 0  # an image without raters: zero target, weight 0
 
 
 @pytest.mark.parametrize("mode", ["one", "all"])

@@ -15,15 +15,6 @@ from proseg.models.proseg import ProSeg, RaterConvStack, SegHead, sample_dirichl
 H = W = 16
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add barrier overhead (and stall badly on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(num_raters: int = 3, in_channels: int = 1, **kw) -> ProSeg:
     torch.manual_seed(0)
     model = create_model("proseg", in_channels=in_channels, num_raters=num_raters, preset="tiny", **kw)
@@ -154,6 +145,13 @@ def test_reference_preset_parameter_count() -> None:
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - 48.96e6) / 48.96e6 < 0.01
     assert n == 48_964_102  # 2 x smp Unet-resnet34 (C=1 and C=8, no seg head) + heads + tau module
+
+
+def test_default_is_the_constructor_and_the_documented_size() -> None:
+    model = ProSeg(1, 4)  # = create_model("proseg", in_channels=1, num_raters=4): docs/models.md's 573,430
+    assert sum(p.numel() for p in model.parameters()) == 573_430
+    assert model.rater_sampling == "one" and model.diverse_mode == "prior_classifier"
+    assert float(model.stat_heads.biases[-1][0, model.z_channels].detach()) == -4.0  # z_logvar_init
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])

@@ -21,7 +21,7 @@ def demo(
     with user_errors():
         import time
 
-        from proseg.engine.demo import format_seconds, run_demo
+        from proseg.commands.demo import format_seconds, run_demo
 
         t0 = time.time()
         report = run_demo(out, data, minutes=minutes, force=force)

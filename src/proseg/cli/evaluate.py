@@ -42,22 +42,20 @@ def evaluate(
     from proseg.cli.errors import user_errors
 
     with user_errors():
-        from proseg.engine.distributed import cleanup_distributed
-        from proseg.engine.evaluate import evaluate_checkpoint, summary_table
+        from proseg.commands.evaluate import evaluate_checkpoint, summary_table
+        from proseg.engine.distributed import cleanup_distributed, env_dist_info
         from proseg.engine.evaluation import MODES
         from proseg.errors import CommandError
+        from proseg.metrics import CONVENTIONS
 
         modes = None if mode == "auto" else (list(MODES) if mode == "both" else [mode])
         if modes is not None and any(m not in MODES for m in modes):
-            raise CommandError(f"--mode must be personalized, diverse, both or auto, got {mode!r}")
-        conventions = None if convention is None else (["standard", "reference"] if convention == "both"
-                                                       else [convention])
+            raise CommandError(f"--mode must be {', '.join(MODES)}, both or auto, got {mode!r}")
+        conventions = None if convention is None else (list(CONVENTIONS) if convention == "both" else [convention])
         report = evaluate_checkpoint(checkpoint, data, split=split, fold=fold, out=out, modes=modes,
                                      num_samples=samples, conventions=conventions, estimator=estimator, seed=seed,
                                      num_figures=figures, batch_size=batch_size, device=device, force=force,
                                      max_cases=max_cases, case_stride=case_stride)
-        from proseg.engine.distributed import env_dist_info
-
         if env_dist_info().is_main:
             typer.echo(summary_table(report))
             typer.echo(f"{report['num_cases']} cases, K={report['num_samples']}; wrote {report['out']}/metrics.json")

@@ -16,11 +16,10 @@ def info(
     ),
 ) -> None:
     """Describe a prepared dataset (a damaged one is refused with a message naming the file)."""
-    import json
-
     from proseg.cli.errors import user_errors
     from proseg.data.stats import store_stats
     from proseg.data.store import open_store
+    from proseg.jsonio import dumps
 
     with user_errors(exit_code=1):
         store = open_store(dataset)
@@ -30,7 +29,7 @@ def info(
         st["checksums_ok"] = not bad
         st["checksum_mismatch"] = bad
     if as_json:
-        typer.echo(json.dumps(_nan_to_none(st), indent=1))
+        typer.echo(dumps(st, indent=1))
     else:
         src = st["source"]
         c, h, w = st["shape"]
@@ -60,15 +59,3 @@ def info(
     if bad:
         raise typer.Exit(1)
 
-
-def _nan_to_none(obj: object) -> object:
-    """JSON has no NaN: undefined statistics (e.g. agreement with one rater) become null."""
-    import math
-
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj

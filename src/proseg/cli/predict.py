@@ -22,7 +22,7 @@ def predict(
     from proseg.cli.errors import user_errors
 
     with user_errors():
-        from proseg.engine.prediction import predict_path
+        from proseg.commands.predict import predict_path
 
         report = predict_path(checkpoint, input, output, num_samples=samples, seed=seed, save_samples=save_samples,
                               threshold=threshold, force=force, device=device)

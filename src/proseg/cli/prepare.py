@@ -14,7 +14,7 @@ def prepare(
     src: str = typer.Argument(..., help="Source folder/file (for synthetic: the integer seed)."),
     out: Path = typer.Argument(..., help="Output dataset folder (must not exist unless --force)."),
     size: int | None = typer.Option(None, help="Target side: pad to square, then resize (nearest for masks)."),
-    intensity: str = typer.Option("auto", help="auto | none | unit8 | minmax | zscore (auto: /255 for 8-bit)."),
+    intensity: str = typer.Option("auto", help="auto | none | uint8 | minmax | zscore (auto: /255 for 8-bit)."),
     rater_order: str = typer.Option("as-stored", help="as-stored | area-ranked (LIDC papers' convention)."),
     folds: int = typer.Option(4, help="Number of patient-level folds."),
     val_fraction: float = typer.Option(0.1, help="Share of each training fold's patients used for validation."),

@@ -1,11 +1,14 @@
 """``proseg score LABELS PREDS``: score anyone's multi-rater predictions with every metric.
 
 Only typer and the standard library are imported at module level (torch and the metrics inside the command).
+The choices typer shows and checks (``ConventionChoice``, ``EstimatorChoice``, the ``--thresholds`` default) are
+therefore spelled out here rather than imported from :mod:`proseg.metrics` (whose import loads torch, ~3 s of
+``proseg --help``); ``tests/engine/test_cli.py`` checks that they equal ``CONVENTIONS``, ``ESTIMATORS`` and
+``DEFAULT_THRESHOLDS``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from enum import Enum
 from pathlib import Path
@@ -22,17 +25,6 @@ class ConventionChoice(str, Enum):
 class EstimatorChoice(str, Enum):
     v = "v"
     u = "u"
-
-
-def _jsonable(x: Any) -> Any:
-    # JSON has no NaN: undefined values (e.g. U-statistic with one mask) become null.
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _fail(message: str) -> None:
@@ -111,6 +103,7 @@ def _score(labels: Path, preds: Path, conv: str, est: str, json_output: bool, th
            summary_csv: Path | None, device: str) -> None:
     import torch
 
+    from proseg.jsonio import dumps
     from proseg.metrics import case_metrics
     from proseg.metrics.aggregate import aggregate, format_summary, write_records_csv, write_summary_csv
     from proseg.metrics.files import ScoreInputError, load_array, pair_folders
@@ -154,7 +147,7 @@ def _score(labels: Path, preds: Path, conv: str, est: str, json_output: bool, th
             if csv_path is not None:
                 write_records_csv([{"case_id": labels.name, **rec}], csv_path, thresholds=ts)
             if json_output:
-                typer.echo(json.dumps(_jsonable(rec)))
+                typer.echo(dumps(rec))  # strict JSON: undefined values (NaN) are null
             else:
                 typer.echo(_format_record(rec, ts))
             return
@@ -169,6 +162,6 @@ def _score(labels: Path, preds: Path, conv: str, est: str, json_output: bool, th
     if summary_csv is not None:
         write_summary_csv(summary, summary_csv)
     if json_output:
-        typer.echo(json.dumps(_jsonable({"summary": summary, "cases": records})))
+        typer.echo(dumps({"summary": summary, "cases": records}))
     else:
         typer.echo(format_summary(summary))

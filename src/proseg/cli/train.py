@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,13 +39,13 @@ def train(
 
 def _train(overrides: list[str], config: Path | None, data: Path | None, out: Path | None, fold: int | None,
            resume: Path | None, force: bool = False) -> None:
-    import shlex
-    import sys
-
-    from proseg.engine.checkpoint import plan_run_dir
+    # Imported when the command runs (they load torch): `proseg --help` starts without them.
+    from proseg.engine import checkpoint as ckpt
     from proseg.engine.config import apply_overrides, load_config
+    from proseg.engine.distributed import cleanup_distributed
     from proseg.engine.trainer import Trainer
     from proseg.errors import CommandError
+    from proseg.fsutil import check_writable
 
     if resume is not None:
         if force:
@@ -52,15 +54,15 @@ def _train(overrides: list[str], config: Path | None, data: Path | None, out: Pa
             raise CommandError("--resume continues a run with its own config.yaml; do not pass --config too")
         if out is not None and out.resolve() != resume.resolve():
             raise CommandError("--resume writes into the run it continues; drop --out")
-        if not (resume / "config.yaml").is_file():
-            raise FileNotFoundError(f"{resume}: not a run directory (no config.yaml)")
-        plan_run_dir(resume, resume=True, force=False)  # fail now, not after loading the data
-        cfg = load_config(resume / "config.yaml")
+        if not (resume / ckpt.CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{resume}: not a run directory (no {ckpt.CONFIG_FILE})")
+        ckpt.plan_run_dir(resume, resume=True, force=False)  # fail now, not after loading the data
+        cfg = load_config(resume / ckpt.CONFIG_FILE)
         run_dir = resume
     else:
         if out is None:
             raise CommandError("--out RUN_DIR is required (or --resume RUN_DIR)")
-        plan_run_dir(out, resume=False, force=force)  # the one rule; the Trainer applies it (after the checks)
+        ckpt.plan_run_dir(out, resume=False, force=force)  # the one rule; the Trainer applies it (after the checks)
         cfg = load_config(config)
         run_dir = out
     if data is not None:
@@ -68,27 +70,13 @@ def _train(overrides: list[str], config: Path | None, data: Path | None, out: Pa
     if fold is not None:
         cfg.data.fold = fold
     apply_overrides(cfg, overrides)
-    _check_writable(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=resume is not None, force=force,
-                      command=shlex.join(["proseg", *sys.argv[1:]]))
+    check_writable(run_dir)
+    trainer = Trainer.from_config(cfg, run_dir, resume=resume is not None, force=force,
+                                  command=shlex.join(["proseg", *sys.argv[1:]]))
     summary = trainer.fit()
     if trainer.dist.is_main:
-        best = run_dir / "checkpoints" / "best"
+        best = run_dir / ckpt.BEST_DIR
         score = summary["best_score"]
         note = f" (val {cfg.train.val_metric} {score:.4f} at step {summary['best_step']})" if score is not None else ""
         typer.echo(f"trained {summary['steps']} steps in {summary['elapsed_s']:.1f} s; best checkpoint: {best}{note}")
-    from proseg.engine.distributed import cleanup_distributed
-
     cleanup_distributed()
-
-
-def _check_writable(run_dir: Path) -> None:
-    import os
-
-    probe = run_dir
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise NotADirectoryError(f"{run_dir}: cannot write here ({probe} is a file)")
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"{run_dir}: cannot write here ({probe} is not writable)")

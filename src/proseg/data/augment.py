@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["AugmentConfig", "augment_pair"]
+__all__ = ["AugmentConfig", "augment_item", "augment_pair"]
 
 
 @dataclass
@@ -94,3 +94,11 @@ def augment_pair(
         lim = np.float32(cfg.noise_clip * cfg.noise_std)
         image = image + np.clip(noise, -lim, lim)
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(masks)
+
+
+def augment_item(
+    image: np.ndarray, masks: np.ndarray, cfg: AugmentConfig, seed: int, epoch: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`augment_pair` on item ``index`` with its own random stream ``default_rng([seed, epoch, index])``:
+    the result depends on neither the DataLoader worker nor the order the items are drawn in."""
+    return augment_pair(image, masks, cfg, np.random.default_rng([seed, epoch, index]))

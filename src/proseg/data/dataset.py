@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from proseg.data.augment import AugmentConfig, augment_pair
+from proseg.data.augment import AugmentConfig, augment_item
 from proseg.data.store import Store, open_store
 
 __all__ = ["MultiRaterDataset", "seed_worker"]
@@ -63,8 +63,7 @@ class MultiRaterDataset(Dataset):
         image = np.array(self.store.images[row], dtype=np.float32)
         masks = np.array(self.store.masks[row])
         if self.augment is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, row])
-            image, masks = augment_pair(image, masks, self.augment, rng)
+            image, masks = augment_item(image, masks, self.augment, self.seed, self.epoch, row)
         return {
             "image": torch.from_numpy(image),
             "masks": torch.from_numpy(masks.astype(np.float32)),

@@ -1,17 +1,31 @@
-"""Safe low-level readers: PNG, NIfTI, NPY/NPZ and HDF5.
+"""Safe low-level readers: PNG (and other 2D images), NIfTI, NPY/NPZ and HDF5 -- the one place proseg reads
+an image, mask, label or prediction file into an array (the dataset readers, ``proseg predict`` and
+``proseg score`` all come here).
 
-Every failure (missing file, truncated or corrupt content, wrong type) is raised as ``DataError`` naming the
-file, so a reader or ``proseg predict`` never leaks a bare ``OSError``/``zlib.error`` to the user. Nothing here
-unpickles: NPY/NPZ are read with ``allow_pickle=False`` (the restricted unpickler for the LIDC pickles lives in
+Every failure (missing file, truncated or corrupt content, wrong type) is raised as ``DataError`` whose message
+starts with the file, so no caller leaks a bare ``OSError``/``zlib.error`` to the user. Nothing here unpickles:
+NPY/NPZ are read with ``allow_pickle=False`` (the restricted unpickler for the LIDC pickles lives in
 ``proseg.data.safe_pickle``).
 
 Array conventions: PNG -> ``(H, W)`` or ``(H, W, C)`` (channels last, as stored); NIfTI -> the data array in
-its stored axis order ``(X, Y[, Z[, ...]])`` plus the 4x4 affine and the voxel sizes.
+its stored axis order ``(X, Y[, Z[, ...]])`` plus the 4x4 affine, the voxel sizes and the header. How those
+axes become a case's ``(C, [D,] H, W)`` is the caller's layout (each reader's and command's docs say).
+
+Entry points:
+    ``read_nifti(path) -> NiftiVolume(data, affine, zooms, header)``; ``nifti_spatial(data, path)`` (the readers'
+    slice layout: ``(X, Y)`` 2D, ``(X, Y, Z)`` -> ``(Z, X, Y)``);
+    ``read_png(path, formats=None) -> array`` (any Pillow-readable 2D image);
+    ``read_npy(path) -> array``; ``read_npz(path, key=None) -> array | {name: array}``;
+    ``read_npz_array(path, prefer=()) -> array`` (the one array of an NPZ, or the first name in ``prefer``);
+    ``npz_keys(path)``, ``hdf5_keys(path)`` (names, without reading data);
+    ``read_hdf5(path, keys=None, optional=()) -> {name: array}``;
+    ``read_array(path) -> (array, affine | None, zooms)`` by extension (NIfTI, image, NPY, NPZ);
+    ``file_kind(path)`` (which of those an extension names), ``check_finite``, ``to_binary_mask``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +35,46 @@ import numpy as np
 from proseg.data.types import DataError
 
 __all__ = [
+    "HDF5_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
     "NiftiVolume",
     "check_finite",
+    "file_kind",
+    "hdf5_keys",
+    "nifti_spatial",
+    "npz_keys",
     "read_array",
     "read_hdf5",
     "read_nifti",
     "read_npy",
     "read_npz",
+    "read_npz_array",
     "read_png",
     "to_binary_mask",
 ]
+
+# File name endings, matched case-insensitively by :func:`file_kind`.
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")  # read by Pillow
+HDF5_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
+_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("nifti", NIFTI_SUFFIXES),
+    ("image", IMAGE_SUFFIXES),
+    ("npy", (".npy",)),
+    ("npz", (".npz",)),
+    ("hdf5", HDF5_SUFFIXES),
+)
+
+
+def file_kind(path: str | Path) -> str | None:
+    """``"nifti"``, ``"image"``, ``"npy"``, ``"npz"`` or ``"hdf5"`` by the file name's ending (any case);
+    None for anything else."""
+    name = Path(path).name.lower()
+    for kind, suffixes in _KINDS:
+        if name.endswith(suffixes):
+            return kind
+    return None
 
 
 def _fail(path: str | Path, problem: str, exc: BaseException | None = None) -> DataError:
@@ -75,15 +119,18 @@ def read_png(path: str | Path, formats: tuple[str, ...] | None = None) -> np.nda
 
 @dataclass
 class NiftiVolume:
-    """A NIfTI image: ``data`` in stored axis order, ``affine`` ``(4, 4)`` float64, ``zooms`` voxel sizes."""
+    """A NIfTI image: ``data`` in stored axis order, ``affine`` ``(4, 4)`` float64, ``zooms`` voxel sizes, and
+    ``header`` the file's nibabel header (e.g. to write results back with the same fields; copy it before
+    changing it)."""
 
     data: np.ndarray
     affine: np.ndarray
     zooms: tuple[float, ...]
+    header: Any
 
 
 def read_nifti(path: str | Path) -> NiftiVolume:
-    """Read a ``.nii`` / ``.nii.gz`` fully (no lazy proxy left open), keeping the affine and voxel sizes.
+    """Read a ``.nii`` / ``.nii.gz`` fully (no lazy proxy left open), keeping the affine, voxel sizes and header.
 
     The data keeps its stored dtype when the header has no scaling (slope 1, intercept 0), else float32/64.
     """
@@ -99,7 +146,21 @@ def read_nifti(path: str | Path) -> NiftiVolume:
         raise _fail(p, "unreadable or truncated NIfTI file", exc) from exc
     if data.size == 0:
         raise _fail(p, f"empty NIfTI data array of shape {data.shape}")
-    return NiftiVolume(data=data, affine=affine, zooms=zooms)
+    return NiftiVolume(data=data, affine=affine, zooms=zooms, header=img.header)
+
+
+def nifti_spatial(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """The data layer's slice layout of a single-channel NIfTI array: ``(X, Y)`` (trailing size-1 axes dropped,
+    e.g. ``(X, Y, 1)``) stays the 2D ``(H, W) = (X, Y)``; ``(X, Y, Z)`` becomes the volume ``(Z, X, Y)`` (slices
+    along z). Anything else raises ``DataError`` naming ``path``."""
+    a = data
+    while a.ndim > 2 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        return a
+    if a.ndim == 3:
+        return np.moveaxis(a, -1, 0)
+    raise _fail(path, f"expected a 2D or 3D NIfTI image, got shape {data.shape}")
 
 
 def read_npy(path: str | Path) -> np.ndarray:
@@ -128,6 +189,33 @@ def read_npz(path: str | Path, key: str | None = None) -> np.ndarray | dict[str,
         raise
     except Exception as exc:
         raise _fail(p, "unreadable .npz file (object arrays are refused)", exc) from exc
+
+
+def npz_keys(path: str | Path) -> list[str]:
+    """The array names of a ``.npz``, in stored order, without reading the arrays (``DataError`` when unreadable)."""
+    p = _require_file(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return list(z.files)
+    except Exception as exc:
+        raise _fail(p, "unreadable .npz file", exc) from exc
+
+
+def read_npz_array(path: str | Path, prefer: Sequence[str] = ()) -> np.ndarray:
+    """The one array of a ``.npz``; when it holds several, the first of the names ``prefer`` that it has.
+
+    Raises ``DataError`` listing the names when there is no such array.
+    """
+    keys = npz_keys(path)
+    if len(keys) == 1:
+        return read_npz(path, keys[0])  # type: ignore[return-value]
+    hits = [k for k in prefer if k in keys]
+    if hits:
+        return read_npz(path, hits[0])  # type: ignore[return-value]
+    if prefer:
+        raise _fail(path, f"{len(keys)} arrays {sorted(keys)} and none named {list(prefer)}; store one array per "
+                          f"file or name it {prefer[0]!r}")
+    raise _fail(path, f"expected exactly one array in the .npz, found {sorted(keys)}")
 
 
 def read_hdf5(path: str | Path, keys: Iterable[str] | None = None, optional: Iterable[str] = ()) -> dict[str, Any]:
@@ -188,19 +276,15 @@ def read_array(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, tuple[f
         ``(array, affine or None, spacing)``: the array in the format's own layout (see module docstring).
     """
     p = Path(path)
-    name = p.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    kind = file_kind(p)
+    if kind == "nifti":
         vol = read_nifti(p)
         return vol.data, vol.affine, vol.zooms
-    if name.endswith(".npy"):
+    if kind == "npy":
         return read_npy(p), None, ()
-    if name.endswith(".npz"):
-        arrays = read_npz(p)
-        assert isinstance(arrays, dict)
-        if len(arrays) != 1:
-            raise _fail(p, f"expected exactly one array in the .npz, found {sorted(arrays)}")
-        return next(iter(arrays.values())), None, ()
-    if name.endswith((".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")):
+    if kind == "npz":
+        return read_npz_array(p), None, ()
+    if kind == "image":
         return read_png(p), None, ()
     raise _fail(p, "unsupported file type (expected .nii/.nii.gz, .png/.tif/.bmp/.jpg, .npy or .npz)")
 

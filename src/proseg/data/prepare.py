@@ -19,6 +19,7 @@ import fnmatch
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
+import proseg
 from proseg.data.npyfile import NpyWriter, renamed_os_error
 from proseg.data.preprocess import (
     INTENSITY_MODES,
     RATER_ORDERS,
     Geometry,
+    canonical_intensity,
     order_raters,
     pad_resize,
     resolve_intensity,
@@ -41,10 +44,11 @@ from proseg.data.preprocess import (
 from proseg.data.readers import READERS
 from proseg.data.readers.base import CaseRef
 from proseg.data.splits import make_splits
-from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, META_FILES, is_store, sha256_file
+from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, META_FILES, is_store
+from proseg.data.synthetic import list_cases as synthetic_cases
 from proseg.data.types import DataError
-from proseg.errors import CommandError
-from proseg.fsutil import staged_dir
+from proseg.errors import CommandError, ProsegWarning
+from proseg.fsutil import sha256_file, staged_dir
 
 FORMATS = (*READERS, "synthetic")
 STORE_FILES = (*ARRAY_FILES, *META_FILES)  # every file of a store but manifest.json (which lists their sha256)
@@ -144,7 +148,8 @@ def prepare(
         fmt: one of ``FORMATS``; for ``synthetic`` ``src`` is the integer seed and ``synthetic_options`` holds
             ``cases``, ``size``, ``num_raters`` ... (see ``proseg.data.synthetic.generate``).
         size: target side (pad to square, then resize); None keeps the source size, which must then agree.
-        intensity: one of ``INTENSITY_MODES`` (``auto``: /255 for uint8 sources, per-case z-score otherwise).
+        intensity: one of ``INTENSITY_MODES`` (``auto``: /255 for uint8 sources, per-case z-score otherwise); the
+            old spelling ``unit8`` of ``uint8`` is accepted with a ``ProsegWarning``.
         rater_order: ``as-stored`` or ``area-ranked``.
         patients: fnmatch patterns on patient ids; only matching patients are converted.
         force: replace an existing ``out``, but only a store written by ``prepare`` or an empty folder.
@@ -157,6 +162,7 @@ def prepare(
             ``out`` is left as it was.
     """
     t0 = time.perf_counter()
+    intensity = _current_intensity(intensity)
     _check_options(fmt, intensity, rater_order, size)
     out = Path(out)
     check_replaceable(out, force)
@@ -199,6 +205,15 @@ def prepare(
         check_replaceable(out, force)  # again: OUT may have changed while we worked; the swap follows
     return PrepareResult(out, counts["rows"], counts["cases"], counts["patients"], counts["volumes"],
                          len(rater_names), time.perf_counter() - t0)
+
+
+def _current_intensity(intensity: str) -> str:
+    """``intensity`` in its current spelling; the old ``unit8`` is accepted with a warning (recorded as ``uint8``)."""
+    current = canonical_intensity(intensity)
+    if current != intensity:
+        warnings.warn(f"--intensity {intensity} is the old spelling of {current}; it is accepted (and recorded as "
+                      f"{current}) but may go away: use --intensity {current}", ProsegWarning, stacklevel=3)
+    return current
 
 
 def _check_options(fmt: str, intensity: str, rater_order: str, size: int | None) -> None:
@@ -244,8 +259,6 @@ def _list_cases(fmt: str, src: str | Path, allow_missing_raters: bool, reader_op
                 synthetic_options: dict[str, Any] | None) -> tuple[list[CaseRef], str]:
     """The source's cases (not loaded) and the source path recorded in the manifest."""
     if fmt == "synthetic":
-        from proseg.data.synthetic import list_cases as synthetic_cases
-
         try:
             syn_seed = int(str(src))
         except ValueError as exc:
@@ -368,8 +381,6 @@ def _write_store(tmp: Path, out: Path, processed: list[_Processed], splits: dict
     for name in STORE_FILES:
         fp = tmp / name
         files[name] = {"sha256": sha256_file(fp), "bytes": fp.stat().st_size}
-    import proseg
-
     counts = {
         "rows": n_rows,
         "cases": len(processed),
@@ -410,7 +421,7 @@ def _volume_entry(p: _Processed) -> dict[str, Any]:
 
 
 _INTENSITY_DOC = {
-    "unit8": "x / 255 (8-bit source to [0, 1])",
+    "uint8": "x / 255 (8-bit source to [0, 1])",
     "none": "stored as read (float32)",
     "minmax": "per case and channel: (x - min) / (max - min)",
     "zscore": "per case and channel: (x - mean) / std",

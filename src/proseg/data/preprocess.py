@@ -13,13 +13,16 @@ Conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from proseg.data.types import DataError, Sample
 
-INTENSITY_MODES = ("auto", "none", "unit8", "minmax", "zscore")
+INTENSITY_MODES = ("auto", "none", "uint8", "minmax", "zscore")
 RATER_ORDERS = ("as-stored", "area-ranked")
+# Old spellings still read (stores and checkpoints written before the rename) and accepted on the command line.
+_INTENSITY_ALIASES = {"unit8": "uint8"}
 
 
 @dataclass(frozen=True)
@@ -39,19 +42,37 @@ class Geometry:
         return {"orig_hw": list(self.orig_hw), "pad": list(self.pad), "padded": self.padded, "size": self.size}
 
 
+def canonical_intensity(mode: str) -> str:
+    """The current spelling of an intensity mode: ``"unit8"`` (how manifests, checkpoints and ``--intensity``
+    spelled ``"uint8"`` before it was renamed) -> ``"uint8"``; any other value is returned unchanged.
+
+    Apply it wherever a recorded mode is read (a store's manifest, a checkpoint's ``preprocessing``)."""
+    return _INTENSITY_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
+
+
+def recorded_intensity(value: Any) -> str | None:
+    """The mode recorded in a manifest's or checkpoint's ``intensity`` entry, in its current spelling: the entry is
+    ``{"mode": applied, "requested": ..., "description": ...}`` (or, in old checkpoints, the mode itself);
+    None when nothing is recorded."""
+    mode = value.get("mode") if isinstance(value, dict) else value
+    return None if mode is None else canonical_intensity(str(mode))
+
+
 def resolve_intensity(mode: str, source_dtype: str) -> str:
-    """``auto`` -> ``unit8`` (divide by 255) for uint8 sources, ``zscore`` (per case and channel) otherwise."""
+    """``auto`` -> ``uint8`` (divide by 255) for uint8 sources, ``zscore`` (per case and channel) otherwise.
+    The old spelling ``unit8`` is accepted (:func:`canonical_intensity`)."""
+    mode = canonical_intensity(mode)
     if mode not in INTENSITY_MODES:
         raise DataError(f"intensity mode must be one of {INTENSITY_MODES}, got {mode!r}")
     if mode == "auto":
-        return "unit8" if source_dtype == "uint8" else "zscore"
+        return "uint8" if source_dtype == "uint8" else "zscore"
     return mode
 
 
 def scale_intensity(image: np.ndarray, mode: str, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Scale ``image`` (C, ...) per the resolved ``mode``; returns ``(scaled float32, pad_value per channel)``.
 
-    ``unit8``: x / 255, requires values in [0, 255]. ``minmax``: per channel to [0, 1] (a constant channel maps
+    ``uint8``: x / 255, requires values in [0, 255]. ``minmax``: per channel to [0, 1] (a constant channel maps
     to 0). ``zscore``: per channel (x - mean) / std (std 0 -> 1). ``none``: unchanged. ``pad_value`` is the
     scaled value of a source 0, so padding matches what the papers pad with.
     """
@@ -60,10 +81,10 @@ def scale_intensity(image: np.ndarray, mode: str, source: str) -> tuple[np.ndarr
     flat = x.reshape(c, -1)
     if mode == "none":
         return x, np.zeros(c, np.float32)
-    if mode == "unit8":
+    if mode == "uint8":
         lo, hi = float(flat.min()), float(flat.max())
         if lo < 0 or hi > 255:
-            raise DataError(f"{source}: intensity mode unit8 expects values in [0, 255], found [{lo:g}, {hi:g}]")
+            raise DataError(f"{source}: intensity mode uint8 expects values in [0, 255], found [{lo:g}, {hi:g}]")
         return x / np.float32(255.0), np.zeros(c, np.float32)
     if mode == "minmax":
         lo = flat.min(axis=1)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from proseg.data.preprocess import recorded_intensity
 from proseg.data.store import PARTS, Store
 
 
@@ -72,7 +73,7 @@ def store_stats(store: Store, chunk: int = 1024) -> dict[str, Any]:
         "num_raters": r,
         "rater_names": store.rater_names,
         "rater_order": m["rater_order"],
-        "intensity": m["intensity"]["mode"],
+        "intensity": recorded_intensity(m.get("intensity")),
         "target_size": m["target_size"],
         "rater_present_fraction": (n_present / max(n, 1)).tolist(),
         "empty_fraction": empty_frac.tolist(),

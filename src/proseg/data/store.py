@@ -22,7 +22,6 @@ also recomputes every sha256, which the training and evaluation path does by def
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from proseg.data.npyfile import read_npy_header
+from proseg.data.preprocess import canonical_intensity
 from proseg.data.types import DataError, Sample
+from proseg.fsutil import sha256_file
 
 # Version of the layout above. A store without the field is version 1; a newer version is refused (this code
 # cannot know what it changed), an older one would be read through a converter here.
@@ -41,19 +42,7 @@ PARTS = ("train", "val", "test", "trainval", "all")
 _AXES = {"images.npy": "(N, C, H, W)", "masks.npy": "(N, R, H, W)", "rater_present.npy": "(N, R)",
          "rater_perm.npy": "(N, R)"}
 
-__all__ = ["ARRAY_FILES", "FORMAT_VERSION", "PARTS", "Store", "check_manifest", "is_store", "open_store",
-           "sha256_file"]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+__all__ = ["ARRAY_FILES", "FORMAT_VERSION", "PARTS", "Store", "check_manifest", "is_store", "open_store"]
 
 
 class Store:
@@ -78,6 +67,7 @@ class Store:
             raise DataError(f"{self.path}: not a prepared dataset (no manifest.json; run `proseg prepare` first)")
         self.manifest: dict[str, Any] = _read_json(self.path / "manifest.json")
         self.format_version = check_manifest(self.path / "manifest.json", self.manifest)
+        _current_spellings(self.manifest)
         # cheap checks before parsing anything: a truncated file gets a message naming it and its size
         self._check_arrays()
         self._check_sizes()
@@ -248,22 +238,6 @@ class Store:
             v: np.array(sorted(rs, key=lambda r: int(self.slice_indices[r])), dtype=np.int64) for v, rs in out.items()
         }
 
-    def sample(self, row: int) -> Sample:
-        """Row ``row`` as a 2D ``Sample`` (copies out of the memory map)."""
-        vol = self.volumes.get(str(self.volume_ids[row]), {})
-        return Sample(
-            image=np.array(self.images[row]),
-            masks=np.array(self.masks[row]).astype(bool),
-            rater_present=np.array(self.rater_present[row]),
-            case_id=str(self.case_ids[row]),
-            patient_id=str(self.patient_ids[row]),
-            rater_names=self.rater_names,
-            spacing=tuple(vol.get("spacing", ()))[-2:],
-            affine=None,
-            source=str(self.path),
-            extra={"volume_id": str(self.volume_ids[row]), "slice_index": int(self.slice_indices[row])},
-        )
-
     def volume(self, volume_id: str) -> Sample:
         """All slices of a volume stacked: image ``(C, D, H, W)``, masks ``(R, D, H, W)`` (D = its rows)."""
         rows = self.volume_rows(np.flatnonzero(self.volume_ids == volume_id))
@@ -346,6 +320,16 @@ def check_manifest(path: Path, man: Any) -> int:
         if Path(name).name != name:  # only files of the store folder itself, never ../ or absolute paths
             raise DataError(f"{path}: invalid file name {name!r} in 'files'")
     return version
+
+
+def _current_spellings(man: dict[str, Any]) -> None:
+    """Rewrite, in the parsed manifest (the file stays as ``prepare`` wrote it), values that older versions spelled
+    differently: the intensity mode ``unit8`` is now ``uint8`` (:func:`proseg.data.preprocess.canonical_intensity`)."""
+    intensity = man.get("intensity")
+    if isinstance(intensity, dict):
+        for key in ("mode", "requested"):
+            if key in intensity:
+                intensity[key] = canonical_intensity(intensity[key])
 
 
 def _is_count(v: Any) -> bool:

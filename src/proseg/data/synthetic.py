@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from proseg.data.augment import AugmentConfig, augment_item
+from proseg.data.readers.base import CaseRef
 from proseg.data.types import DataError, Sample
 
 STYLES = ("over", "under", "smooth", "thin-miss")
@@ -180,19 +182,48 @@ def generate(
 def _generate_block(
     idx: np.ndarray, seed: int, size: int, num_raters: int, channels: int, with_truth: bool
 ) -> SyntheticBatch:
-    b, hw, f32 = idx.shape[0], size, np.float32
     keys = _keys(seed, idx)
     u = _uniform(keys, 0, _NPARAM)  # (B, P) per-case scalar parameters
+    amb = u[:, 0].astype(np.float32)
+    shape = _lesion(u, size)
+    images = _render(u, keys, shape.d_full, amb, channels)
+    masks, probs, expected = _annotate(keys, shape, amb, num_raters, with_truth)
+    return SyntheticBatch(
+        images=images,
+        masks=masks,
+        probs=probs,
+        expected=expected,
+        truth=shape.d_full < 0,
+        ambiguity=amb,
+        indices=idx,
+        rater_names=rater_names(num_raters),
+    )
 
-    def col(j: int, lo: float, hi: float) -> np.ndarray:  # (B, 1, 1) parameter in [lo, hi)
-        return (lo + (hi - lo) * u[:, j]).astype(f32)[:, None, None]
 
-    amb = u[:, 0].astype(f32)
-    a3 = amb[:, None, None]
-    cy, cx = col(1, 0.38, 0.62) * hw, col(2, 0.38, 0.62) * hw
-    ax = col(3, 0.07, 0.17) * hw
-    bx = ax * col(4, 0.6, 1.0)
-    th = col(5, 0.0, np.pi)
+def _param(u: np.ndarray, j: int, lo: float, hi: float) -> np.ndarray:
+    """Per-case parameter ``j`` mapped to ``[lo, hi)``, shaped ``(B, 1, 1)`` to broadcast over the pixels."""
+    return (lo + (hi - lo) * u[:, j]).astype(np.float32)[:, None, None]
+
+
+@dataclass
+class _Lesion:
+    """The lesion of each case as signed distances ``(B, H, W)`` float32 (px, negative inside), and the pixel
+    offsets ``dy``, ``dx`` from its centre."""
+
+    dy: np.ndarray
+    dx: np.ndarray
+    d_full: np.ndarray  # body with every harmonic, plus the protrusions
+    d_smooth: np.ndarray  # body with harmonic 2 only, plus the protrusions
+    d_body: np.ndarray  # body with every harmonic, no protrusions
+
+
+def _lesion(u: np.ndarray, hw: int) -> _Lesion:
+    """Ellipse modulated by radius harmonics 2..5, plus 0-2 thin protrusions (module docstring)."""
+    f32 = np.float32
+    cy, cx = _param(u, 1, 0.38, 0.62) * hw, _param(u, 2, 0.38, 0.62) * hw
+    ax = _param(u, 3, 0.07, 0.17) * hw
+    bx = ax * _param(u, 4, 0.6, 1.0)
+    th = _param(u, 5, 0.0, np.pi)
     yy, xx = np.meshgrid(np.arange(hw, dtype=f32) + 0.5, np.arange(hw, dtype=f32) + 0.5, indexing="ij")
     dy, dx = yy[None] - cy, xx[None] - cx  # (B, H, W)
     ct, st = np.cos(th), np.sin(th)
@@ -204,8 +235,8 @@ def _generate_block(
     rad = np.ones_like(rho)
     rad_low = np.ones_like(rho)
     for k in range(2, 6):  # body harmonics 2..5 (constant small loop, not over batch/raters)
-        eps = col(4 + k, 0.0, 0.16 / (k - 1))
-        psi = col(8 + k, 0.0, 2 * np.pi)
+        eps = _param(u, 4 + k, 0.0, 0.16 / (k - 1))
+        psi = _param(u, 8 + k, 0.0, 2 * np.pi)
         term = eps * (zk.real * np.cos(psi) - zk.imag * np.sin(psi))
         rad += term
         if k == 2:
@@ -214,47 +245,62 @@ def _generate_block(
     rmean = np.sqrt(ax * bx)
     d_body = (rho - rad) * rmean
     d_low = (rho - rad_low) * rmean
-    # thin protrusions: capsules from inside the body outwards
-    d_thin = np.full_like(rho, np.inf)
-    rmax = np.maximum(ax, bx)
+    d_thin = _protrusions(u, dy, dx, rmean, np.maximum(ax, bx))
+    return _Lesion(dy, dx, np.minimum(d_body, d_thin), np.minimum(d_low, d_thin), d_body)
+
+
+def _protrusions(u: np.ndarray, dy: np.ndarray, dx: np.ndarray, rmean: np.ndarray, rmax: np.ndarray) -> np.ndarray:
+    """Signed distance ``(B, H, W)`` to the 0-2 thin capsules running from inside the body outwards (inf: none)."""
+    d_thin = np.full_like(dy, np.inf)
     for p in range(2):
         on = u[:, 15 + 4 * p] < (0.7 if p == 0 else 0.35)
-        alpha = col(16 + 4 * p, 0.0, 2 * np.pi)
-        length = col(17 + 4 * p, 0.5, 1.1) * rmax
-        half_w = col(18 + 4 * p, 0.8, 2.0)
+        alpha = _param(u, 16 + 4 * p, 0.0, 2 * np.pi)
+        length = _param(u, 17 + 4 * p, 0.5, 1.1) * rmax
+        half_w = _param(u, 18 + 4 * p, 0.8, 2.0)
         ey, ex = np.sin(alpha), np.cos(alpha)
         sy, sx = 0.5 * rmean * ey, 0.5 * rmean * ex
         ly, lx = (rmax + length) * ey - sy, (rmax + length) * ex - sx
         t = np.clip(((dy - sy) * ly + (dx - sx) * lx) / (ly * ly + lx * lx), 0.0, 1.0)
         dist = np.sqrt((dy - sy - t * ly) ** 2 + (dx - sx - t * lx) ** 2) - half_w
         d_thin = np.minimum(d_thin, np.where(on[:, None, None], dist, np.inf))
-    d_full = np.minimum(d_body, d_thin)
-    d_smooth = np.minimum(d_low, d_thin)
+    return d_thin
 
-    # image
+
+def _render(u: np.ndarray, keys: np.ndarray, d_full: np.ndarray, amb: np.ndarray, channels: int) -> np.ndarray:
+    """The images ``(B, C, H, W)`` float32 in [0, 1]: background + texture + blurred lesion + pixel noise."""
+    f32 = np.float32
+    b, hw = d_full.shape[0], d_full.shape[-1]
+    a3 = amb[:, None, None]
     blur = f32(0.6) + f32(3.5) * a3
     inside = 1.0 / (1.0 + np.exp(np.clip(d_full / blur, -30, 30)))
-    bg = col(24, 0.15, 0.35)
-    contrast = col(25, 0.35, 0.55) * (1 - 0.6 * a3)
-    tex = np.zeros_like(rho)
+    bg = _param(u, 24, 0.15, 0.35)
+    contrast = _param(u, 25, 0.35, 0.55) * (1 - 0.6 * a3)
+    tex = np.zeros_like(d_full)
     ax1 = np.arange(hw, dtype=f32) + f32(0.5)
     for w in range(3):  # plane waves cos(a y + c x + p), separable: outer products of (B,H,1) and (B,1,W)
-        fy, fx = col(26 + 3 * w, -0.06, 0.06), col(27 + 3 * w, -0.06, 0.06)
+        fy, fx = _param(u, 26 + 3 * w, -0.06, 0.06), _param(u, 27 + 3 * w, -0.06, 0.06)
         ay = f32(2 * np.pi) * fy * ax1[None, :, None]
-        axx = f32(2 * np.pi) * fx * ax1[None, None, :] + col(28 + 3 * w, 0, 2 * np.pi)
+        axx = f32(2 * np.pi) * fx * ax1[None, None, :] + _param(u, 28 + 3 * w, 0, 2 * np.pi)
         tex += f32(0.025) * (np.cos(ay) * np.cos(axx) - np.sin(ay) * np.sin(axx))
     noise_sd = (f32(0.02) + f32(0.08) * a3)[:, None]
     factors = np.array([1.0, 0.7, -0.6, 0.5], f32)[np.arange(channels) % 4][None, :, None, None]
     noise = _pixel_noise(keys, 1, channels * hw * hw).reshape(b, channels, hw, hw)
     images = bg[:, None] + tex[:, None] + factors * contrast[:, None] * inside[:, None] + noise_sd * noise
-    images = np.clip(images, 0.0, 1.0).astype(f32)
+    return np.clip(images, 0.0, 1.0).astype(f32)
 
-    # raters
+
+def _annotate(
+    keys: np.ndarray, lesion: _Lesion, amb: np.ndarray, num_raters: int, with_truth: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Each rater's sampled mask ``(B, R, H, W)`` bool, and with ``with_truth`` its probability map and
+    expected mask: ``d_r + sigma * n_r < 0``, ``Phi(-d_r / sigma)``, ``d_r < 0`` (module docstring)."""
+    f32 = np.float32
+    b, hw = lesion.d_full.shape[0], lesion.d_full.shape[-1]
     styles = np.arange(num_raters) % len(STYLES)
     delta = f32(1.6) * (1 + 0.5 * (np.arange(num_raters) // len(STYLES))).astype(f32)
     base_idx = np.array([0, 0, 1, 2])[styles]  # over/under -> d_full, smooth -> d_smooth, thin-miss -> d_body
     offset = np.where(styles == 0, -delta, np.where(styles == 1, delta, 0)).astype(f32)
-    bases = np.stack([d_full, d_smooth, d_body], axis=1)  # (B, 3, H, W)
+    bases = np.stack([lesion.d_full, lesion.d_smooth, lesion.d_body], axis=1)  # (B, 3, H, W)
     d_r = bases[:, base_idx] + offset[None, :, None, None]  # (B, R, H, W)
     # jitter n_r(phi): evaluated on a table of _NBINS angles (exactly N(0,1) at each), looked up per pixel
     phi_tab = np.arange(_NBINS, dtype=f32) * f32(2 * np.pi / _NBINS)
@@ -263,26 +309,15 @@ def _generate_block(
         basis += [np.cos(k * phi_tab), np.sin(k * phi_tab)]
     coef = _normal(keys, 2, num_raters * (2 * _JITTER_K - 1)).reshape(b, num_raters, 2 * _JITTER_K - 1)
     table = (coef / f32(np.sqrt(_JITTER_K))) @ np.stack(basis)  # (B, R, NBINS)
-    phi = np.arctan2(dy, dx)  # (B, H, W) in [-pi, pi]
+    phi = np.arctan2(lesion.dy, lesion.dx)  # (B, H, W) in [-pi, pi]
     bins = (np.rint(phi * f32(_NBINS / (2 * np.pi))).astype(np.int32) % _NBINS).reshape(b, 1, hw * hw)
     offs = (np.arange(b * num_raters, dtype=np.int32) * _NBINS).reshape(b, num_raters, 1)
     jitter = np.take(table.reshape(-1), offs + bins).reshape(b, num_raters, hw, hw)
     sigma = (f32(0.4) + f32(2.6) * amb)[:, None, None, None]
     masks = (d_r + sigma * jitter) < 0
-    probs = expected = None
-    if with_truth:
-        probs = _ndtr(-d_r / sigma)
-        expected = d_r < 0
-    return SyntheticBatch(
-        images=images,
-        masks=masks,
-        probs=probs,
-        expected=expected,
-        truth=d_full < 0,
-        ambiguity=amb,
-        indices=idx,
-        rater_names=rater_names(num_raters),
-    )
+    if not with_truth:
+        return masks, None, None
+    return masks, _ndtr(-d_r / sigma), d_r < 0
 
 
 def _case_id(i: int) -> str:
@@ -291,10 +326,8 @@ def _case_id(i: int) -> str:
 
 def list_cases(
     seed: int = 0, cases: int = 200, size: int = 64, num_raters: int = 4, channels: int = 1, chunk: int = 256
-) -> list[Any]:
+) -> list[CaseRef]:
     """Cases for ``prepare synthetic``: generated now in vectorized chunks, one patient per case."""
-    from proseg.data.readers.base import CaseRef
-
     if cases < 1:
         raise DataError(f"synthetic: --cases must be at least 1, got {cases}")
     out = []
@@ -332,7 +365,7 @@ class SyntheticDataset:
         size: int = 64,
         num_raters: int = 4,
         channels: int = 1,
-        augment: Any = None,
+        augment: AugmentConfig | None = None,
     ) -> None:
         self.num_cases, self.seed, self.size = num_cases, seed, size
         self.num_raters, self.channels, self.augment = num_raters, channels, augment
@@ -354,10 +387,7 @@ class SyntheticDataset:
                       channels=self.channels, with_truth=True)
         image, masks = bt.images[0], bt.masks[0].astype(np.float32)
         if self.augment is not None:
-            from proseg.data.augment import augment_pair
-
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, masks = augment_pair(image, masks, self.augment, rng)
+            image, masks = augment_item(image, masks, self.augment, self.seed, self.epoch, index)
         assert bt.probs is not None
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)),

@@ -1,28 +1,23 @@
-"""Engine: typed run configuration, the Trainer (DDP under torchrun), checkpoints, evaluation, prediction.
+"""Engine: typed run configuration, the Trainer (DDP under torchrun), checkpoints, the evaluation loop.
 
-See ``docs/engine.md``. Submodules: ``config`` (dataclasses, YAML + dotted overrides), ``trainer``,
-``checkpoint`` (run layout, atomic state files), ``sampler``, ``schedule``, ``distributed``, ``evaluation``
-(per-case sampling and scoring), ``evaluate`` (``proseg evaluate``), ``prediction`` (``proseg predict``),
-``uncertainty`` (law-of-total-variance maps), ``demo`` (``proseg demo``).
+See ``docs/engine.md``. Submodules: ``config`` (dataclasses, YAML + dotted overrides), ``trainer`` (the loop and
+its extension hooks), ``checkpoint`` (run layout, atomic state files), ``data`` (what training and evaluation
+read from a prepared store), ``types`` (``TrainData``, ``CaseData``), ``sampler``, ``schedule``, ``seeding``
+(keyed randomness), ``distributed`` (every DDP collective), ``logger``, ``evaluation`` (per-case sampling and
+scoring), ``compat`` (does a store match a checkpoint's training data). What ``proseg evaluate`` / ``predict`` /
+``demo`` do lives in :mod:`proseg.commands`, above the engine; the error types in :mod:`proseg.errors`.
 """
 
-from proseg.engine.config import Config, ConfigError, apply_overrides, load_config, validate_config
-from proseg.engine.evaluate import evaluate_checkpoint
-from proseg.engine.prediction import predict_path
-from proseg.engine.trainer import NonFiniteLossError, TrainData, Trainer
-from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
+from proseg.engine.config import Config, apply_overrides, load_config, validate_config
+from proseg.engine.trainer import Trainer
+from proseg.engine.types import CaseData, TrainData
 
 __all__ = [
+    "CaseData",
     "Config",
-    "ConfigError",
-    "NonFiniteLossError",
     "TrainData",
     "Trainer",
     "apply_overrides",
-    "diverse_uncertainty",
-    "evaluate_checkpoint",
     "load_config",
-    "predict_path",
-    "uncertainty_maps",
     "validate_config",
 ]

@@ -4,13 +4,18 @@ A run directory holds::
 
     config.yaml          the resolved configuration
     run.json             proseg version, git commit, dataset manifest checksum, world size, command
-    log.csv, log.jsonl   one row per logged training step; val.jsonl one row per validation
+    log.csv, log.jsonl   one row per logged training step; val.csv, val.jsonl one row per validation
+    tensorboard/         the same scalars, when the ``tensorboard`` package is installed
     checkpoints/last/    model.safetensors + model.json (release weights) and state.pt (everything to resume)
     checkpoints/best/    model.safetensors + model.json of the best validation score
 
-``state.pt`` is one ``torch.save`` dict of tensors and plain Python values (model and optimizer state, LR
-scheduler, grad scaler, the RNG states of Python, NumPy, torch CPU/CUDA and the data-order generator, epoch,
-step, best score, elapsed seconds), written atomically (temp file, fsync, rename) and read back with
+``state.pt`` is one ``torch.save`` dict of tensors and plain Python values, :meth:`Trainer.state_dict()
+<proseg.engine.trainer.Trainer.state_dict>`: ``model`` (the weights), ``optimizer``, ``scaler`` (the gradient
+scaler), ``rng`` (the global RNG states of Python, NumPy, torch CPU and, when initialised, CUDA:
+:func:`capture_rng_state`), ``step``, ``epoch``, ``best_score``, ``best_step``, ``elapsed`` (seconds),
+``nonfinite_run``, ``skipped_steps``, ``last_val_step``, ``world_size``, ``global_batch`` and ``proseg_version``.
+There is no scheduler state (the learning rate is a function of the step) and no data-order state (the order is a
+function of seed and epoch). It is written atomically (temp file, fsync, rename) and read back with
 ``torch.load(weights_only=True)``. Resume reads only ``state.pt``: it holds the model weights too, so the
 weights and the optimizer state can never come from two different steps.
 
@@ -29,11 +34,11 @@ or replaced with ``--force``; ``--force`` never deletes a non-empty folder that 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -42,12 +47,19 @@ import numpy as np
 import torch
 
 from proseg.errors import CheckpointError, CommandError, disk_full_message, is_disk_full
-from proseg.fsutil import atomic_write_bytes, atomic_write_text, displaced_dir, recover_dir, staged_dir
+from proseg.fsutil import atomic_write_bytes, displaced_dir, empty_dir, recover_dir, sha256_file, staged_dir
+from proseg.models import save_model
+from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_NAME = "state.pt"
-LAST_DIR = "checkpoints/last"
-BEST_DIR = "checkpoints/best"
-RUN_FILES = ("config.yaml", "run.json")  # what makes a folder a proseg run folder
+CONFIG_FILE = "config.yaml"  # the resolved configuration of a run
+RUN_INFO_FILE = "run.json"  # versions, dataset checksum, world size, command, resumes
+CHECKPOINTS_DIR = "checkpoints"
+LAST_DIR = f"{CHECKPOINTS_DIR}/last"
+BEST_DIR = f"{CHECKPOINTS_DIR}/best"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = (CONFIG_FILE, RUN_INFO_FILE)  # what makes a folder a proseg run folder
+
 
 def _np_state_to_plain(state: tuple) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = state
@@ -105,8 +117,6 @@ def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str
 
 def checkpoint_step(directory: Path) -> int | None:
     """The training step recorded in ``directory/model.json`` (None when there is no readable one)."""
-    from proseg.models.base import CONFIG_NAME
-
     try:
         step = json.loads((directory / CONFIG_NAME).read_text()).get("step")
     except (OSError, ValueError, AttributeError):
@@ -132,8 +142,6 @@ def write_checkpoint(directory: Path, model: torch.nn.Module, extra: dict[str, A
     saying so, e.g. ``no space left on the device writing RUN/checkpoints/last/state.pt: RUN/checkpoints/last
     still holds step 40; free some space ...`` (the folders in ``untouched`` are described too).
     """
-    from proseg.models import save_model
-
     failure: OSError | None = None
     try:
         with staged_dir(directory) as tmp:
@@ -180,7 +188,7 @@ def is_run_dir(run_dir: Path) -> bool:
 
 def _recorded_command(run_dir: Path) -> str:
     try:
-        cmd = json.loads((run_dir / "run.json").read_text()).get("command")
+        cmd = json.loads((run_dir / RUN_INFO_FILE).read_text()).get("command")
     except (OSError, ValueError, AttributeError):
         return ""
     return f" (its command was: {cmd})" if isinstance(cmd, str) and cmd else ""
@@ -223,15 +231,33 @@ def plan_run_dir(run_dir: Path, *, resume: bool, force: bool) -> str:
     return "afresh" if is_run_dir(run_dir) else "new"
 
 
+def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> str | None:
+    """Apply :func:`plan_run_dir` to ``run_dir`` (only the process that writes the run may call this); returns
+    what to tell the user, or None.
+
+    ``resume``: a checkpoint folder a crash left displaced is put back (:func:`recover_checkpoints`);
+    ``replace``: the folder is emptied, its saved state first (a cut-short delete must not look resumable);
+    ``afresh``: the stale ``checkpoints/`` and ``tensorboard/`` go (the logs and run files are rewritten anyway).
+    """
+    plan = plan_run_dir(run_dir, resume=resume, force=force)
+    note = None
+    if plan == "resume":
+        recover_checkpoints(run_dir)
+    elif plan == "replace":
+        state = saved_state(run_dir)
+        step = checkpoint_step(state.parent) if state is not None else None
+        note = f"--force: replacing the run in {run_dir}" + (f" (it was at step {step})" if step else "")
+        empty_dir(run_dir, first=(CHECKPOINTS_DIR,))
+    elif plan == "afresh":
+        note = f"no saved state in {run_dir}; starting afresh"
+        for stale in (CHECKPOINTS_DIR, TENSORBOARD_DIR):
+            if (run_dir / stale).is_dir():
+                shutil.rmtree(run_dir / stale)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return note
+
+
 # --- run metadata -------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def git_commit() -> str | None:
     """The commit of the proseg source tree when it is a git checkout (None otherwise)."""
     src = Path(__file__).resolve().parent
@@ -253,11 +279,7 @@ def git_commit() -> str | None:
 def manifest_checksum(dataset: str | os.PathLike[str]) -> str | None:
     """sha256 of the prepared dataset's ``manifest.json`` (None when there is none)."""
     p = Path(dataset) / "manifest.json"
-    return file_sha256(p) if p.is_file() else None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return sha256_file(p) if p.is_file() else None
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -265,7 +287,6 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
     Raises FileNotFoundError naming the path when neither holds ``model.json`` + ``model.safetensors``.
     """
-    from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME
 
     def complete(d: Path) -> bool:
         return (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()
@@ -289,11 +310,11 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
-    """The run directory a checkpoint belongs to (it has a config.yaml), or None."""
+    """The run directory a checkpoint belongs to (it has ``config.yaml`` and ``run.json``), or None."""
     cands = [checkpoint, checkpoint.parent, checkpoint.parent.parent]
     if ".old-" in checkpoint.parent.name:  # a displaced copy: RUN/checkpoints/.last.old-XXXX/x
         cands.append(checkpoint.parent.parent.parent)
     for cand in cands:
-        if (cand / "config.yaml").is_file() and (cand / "run.json").is_file():
+        if all((cand / f).is_file() for f in RUN_FILES):
             return cand
     return None

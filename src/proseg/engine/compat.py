@@ -13,23 +13,20 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from proseg.data.preprocess import recorded_intensity
+from proseg.data.store import Store
 from proseg.engine.checkpoint import manifest_checksum
 from proseg.errors import DataError, ProsegWarning
 
 __all__ = ["check_dataset_matches"]
 
 
-def _intensity_mode(value: Any) -> Any:
-    # Manifests store {"mode": ..., "requested": ..., "description": ...}; the mode is what was applied.
-    return value.get("mode") if isinstance(value, dict) else value
-
-
-def _image_size(store: Any) -> tuple[int, int] | None:
+def _image_size(store: Store) -> tuple[int, int] | None:
     shape = store.manifest.get("shapes", {}).get("images")
     return (int(shape[-2]), int(shape[-1])) if shape and len(shape) >= 2 else None
 
 
-def check_dataset_matches(trained_on: dict[str, Any] | None, store: Any, *, in_channels: int, num_raters: int,
+def check_dataset_matches(trained_on: dict[str, Any] | None, store: Store, *, in_channels: int, num_raters: int,
                           modes: Sequence[str], checkpoint: str = "the checkpoint") -> list[str]:
     """Raise :class:`DataError` where scoring ``store`` would be meaningless; warn (and return the warnings) where
     it differs from the checkpoint's training data ``trained_on`` (``model.json``'s ``dataset`` entry, or None for
@@ -55,7 +52,7 @@ def check_dataset_matches(trained_on: dict[str, Any] | None, store: Any, *, in_c
     notes: list[str] = []
     prep = trained_on.get("preprocessing") or {}
     man = store.manifest
-    ours, theirs = _intensity_mode(man.get("intensity")), _intensity_mode(prep.get("intensity"))
+    ours, theirs = recorded_intensity(man.get("intensity")), recorded_intensity(prep.get("intensity"))
     if theirs is not None and ours != theirs:
         notes.append(f"intensity: {checkpoint} was trained on '{theirs}'-normalised images, {where} holds "
                      f"'{ours}'-normalised ones")

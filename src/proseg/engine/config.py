@@ -28,7 +28,9 @@ from typing import Any
 
 import yaml
 
+from proseg.data.augment import AugmentConfig
 from proseg.errors import ConfigError
+from proseg.models import get_model_class
 
 
 @dataclass
@@ -108,7 +110,13 @@ class TrainConfig:
             training loop, validations and checkpoints included, have passed, summed over resumes (0 = no
             budget). The cosine decay then follows the larger of the step fraction and the spent time fraction.
         batch_size: **global** batch size; each of the W DDP ranks takes ``batch_size / W`` (must divide).
-        seed: base seed; rank r seeds with ``seed + r``; epoch e's data order is a function of (seed, e).
+        seed: base seed of every random draw of training, each keyed by what it is for
+            (:mod:`proseg.engine.seeding`), so a resumed run repeats the same draws: before optimizer step s,
+            rank r reseeds Python's, NumPy's and torch's global RNGs from (seed, r, s) (the models' latent
+            samples, rater draws, noise), before the model is built from (seed, r, -1) (its initial weights);
+            epoch e's data order is a function of (seed, e) (the same on every rank), augmentation of
+            (seed, e, row), DataLoader worker seeds of (seed, r, e, first batch); validation samples each case
+            from (seed, case id, mode).
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + gradient scaler; CUDA only).
         compile: wrap the model with ``torch.compile``.
@@ -394,8 +402,6 @@ def validate_config(cfg: Config) -> Config:
 
 def validate_model_args(model: ModelConfig) -> None:
     """Every ``model.args`` key must be a constructor argument of the model class (error names the key)."""
-    from proseg.models import get_model_class
-
     try:
         cls = get_model_class(model.name)
     except KeyError as exc:
@@ -417,8 +423,7 @@ def validate_model_args(model: ModelConfig) -> None:
 
 
 def validate_augment_args(args: dict[str, Any]) -> None:
-    from proseg.data.augment import AugmentConfig
-
+    """Every ``data.augment_args`` key must be a field of :class:`proseg.data.augment.AugmentConfig`."""
     names = {f.name for f in dataclasses.fields(AugmentConfig)}
     for key in args:
         if key not in names:

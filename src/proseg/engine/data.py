@@ -8,32 +8,34 @@ from typing import Any
 
 import numpy as np
 
+from proseg.data.augment import AugmentConfig
+from proseg.data.dataset import MultiRaterDataset
+from proseg.data.store import Store, open_store
+from proseg.engine.checkpoint import manifest_checksum
 from proseg.engine.config import Config
-from proseg.engine.evaluation import CaseData
+from proseg.engine.types import CaseData, TrainData
 from proseg.errors import ConfigError, DataError
 
-# Manifest entries a checkpoint keeps so `proseg predict` can prepare raw inputs the way training data was.
-PREPROCESSING_KEYS = ("intensity", "target_size", "size", "rater_order", "format")
+# Manifest entries a checkpoint keeps (``model.json`` -> ``dataset.preprocessing``): ``proseg predict`` prepares raw
+# inputs with ``intensity`` (its ``mode``) and ``target_size`` as ``proseg prepare`` did, and the dataset check
+# (:mod:`proseg.engine.compat`) compares all three with the store it scores.
+PREPROCESSING_KEYS = ("intensity", "target_size", "rater_order")
 
 
-def open_dataset(path: str, verify: bool = True) -> Any:
+def open_dataset(path: str, verify: bool = True) -> Store:
     """Open the store at ``path`` for training or evaluation.
 
     ``verify`` (the default here) recomputes every file's sha256 against the manifest: a model must never be
     trained or scored on a store whose bytes changed after ``prepare``, and hashing costs about a second per
     few hundred MB. The cheap checks (sizes, headers, format version) always run.
     """
-    from proseg.data.store import open_store
-
     if not path:
         raise ConfigError("no dataset: set data.path in the config or pass --data PATH (a `proseg prepare` output)")
     return open_store(path, verify=verify)
 
 
-def dataset_meta(store: Any) -> dict[str, Any]:
+def dataset_meta(store: Store) -> dict[str, Any]:
     """Channels, raters, rater names, manifest checksum and preprocessing of a store (JSON-ready)."""
-    from proseg.engine.checkpoint import manifest_checksum
-
     man = store.manifest
     return {
         "path": str(store.path),
@@ -45,7 +47,7 @@ def dataset_meta(store: Any) -> dict[str, Any]:
     }
 
 
-def case_loader(store: Any) -> tuple[Callable[[str], CaseData], Callable[[np.ndarray], list[str]]]:
+def case_loader(store: Store) -> tuple[Callable[[str], CaseData], Callable[[np.ndarray], list[str]]]:
     """``(load_case, cases_of)``: ``cases_of(rows)`` lists the volume ids of ``rows`` in store order and
     ``load_case(volume_id)`` returns its :class:`CaseData` (slices in order)."""
     index: dict[str, np.ndarray] = {}
@@ -69,12 +71,8 @@ def case_loader(store: Any) -> tuple[Callable[[str], CaseData], Callable[[np.nda
     return load_case, cases_of
 
 
-def train_data(cfg: Config) -> Any:
+def train_data(cfg: Config) -> TrainData:
     """The training Dataset of ``cfg.data.fold``'s train part and the validation cases of its val part."""
-    from proseg.data.augment import AugmentConfig
-    from proseg.data.dataset import MultiRaterDataset
-    from proseg.engine.trainer import TrainData
-
     store = open_dataset(cfg.data.path, verify=cfg.data.verify)
     fold = cfg.data.fold
     if not 0 <= fold < store.num_folds:

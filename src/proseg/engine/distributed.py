@@ -1,17 +1,23 @@
 """DDP plumbing in the nanoGPT style: switched on by the ``RANK``/``WORLD_SIZE`` variables torchrun sets.
 
 Backends: ``nccl`` when the run uses CUDA, ``gloo`` on CPU. Rank 0 is the "main" process (logging,
-checkpoints, figures). Everything here is a no-op in a plain single-process run.
+checkpoints, figures). Every collective of the engine is one small named function here (:func:`any_rank`,
+:func:`all_ranks`, :func:`all_reduce_max`, :func:`all_reduce_mean`, :func:`all_gather_objects`,
+:func:`broadcast_object`, :func:`main_rank_does`), so the training loop holds no ``torch.distributed`` call;
+each is a no-op (it returns its input) in a plain single-process run. Every rank must call them in the same
+order.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from proseg.errors import CommandError, ConfigError
 
@@ -111,12 +117,66 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_flag(flag: bool) -> bool:
+def main_rank_does(fn: Callable[[], None], catch: tuple[type[BaseException], ...]) -> None:
+    """Run ``fn`` on rank 0 only and share its verdict: an exception of the types in ``catch`` it raised is raised
+    on every rank (rank 0's own object there, an unpickled copy elsewhere). Also the barrier: no rank returns
+    before ``fn`` has finished (e.g. a run folder is ready before any rank reads it)."""
+    err: BaseException | None = None
+    if not is_dist() or dist.get_rank() == 0:
+        try:
+            fn()
+        except catch as exc:
+            err = exc
+    shared = broadcast_object(err)
+    if err is not None:
+        raise err
+    if shared is not None:
+        raise shared
+
+
+def _for_backend(t: Tensor, device: torch.device | None = None) -> Tensor:
+    """``t`` where the process group's backend can reduce it: a CUDA device for ``nccl`` (``device``, else the
+    current one), the CPU for ``gloo``."""
+    if dist.get_backend() != "nccl":
+        return t
+    return t.to(device) if device is not None else t.cuda()
+
+
+def any_rank(flag: bool) -> bool:
     """True on every rank when it is True on any rank (e.g. "stop now: time budget spent")."""
     if not is_dist():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _for_backend(torch.tensor([1.0 if flag else 0.0]))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when it is True on every rank (e.g. "the loss is finite": all step, or all skip)."""
+    return not any_rank(not flag)
+
+
+def all_reduce_max(value: float, device: torch.device | None = None) -> float:
+    """The largest ``value`` over the ranks, in float64 (e.g. the time spent: every rank then agrees on it)."""
+    if not is_dist():
+        return value
+    t = _for_backend(torch.tensor([value], dtype=torch.float64), device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean(t: Tensor, device: torch.device | None = None) -> Tensor:
+    """The mean of ``t`` over the ranks, on the CPU (a copy); ``t`` itself in a single process.
+
+    Every rank must pass a tensor of the same shape (see :func:`same_on_all_ranks`)."""
+    if not is_dist():
+        return t
+    s = _for_backend(t.clone(), device)
+    dist.all_reduce(s)
+    return s.cpu() / dist.get_world_size()
+
+
+def same_on_all_ranks(value: Any) -> bool:
+    """Whether every rank passed an equal ``value`` (e.g. a length, before reducing tensors of that length)."""
+    values = all_gather_objects(value)
+    return all(v == values[0] for v in values)

@@ -17,17 +17,19 @@ and counted.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from proseg.engine.distributed import all_gather_objects
+from proseg.engine.seeding import case_seed
+from proseg.engine.types import CaseData
 from proseg.errors import ConfigError, DataError
+from proseg.metrics import case_metrics
 from proseg.models.base import MultiRaterModel, NotSupportedError
 
 MODES = ("personalized", "diverse")
@@ -35,13 +37,8 @@ MODES = ("personalized", "diverse")
 LOWER_IS_BETTER = {"ged", "ged_cross", "ged_labels", "ged_preds"}
 
 
-def case_seed(seed: int, case_id: str) -> int:
-    """A 63-bit seed from (seed, case_id), stable across processes, platforms and Python hash seeds."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{case_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def case_generator(seed: int, case_id: str, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``(seed, case_id)`` (:func:`proseg.engine.seeding.case_seed`)."""
     g = torch.Generator(device=device)
     g.manual_seed(case_seed(seed, case_id))
     return g
@@ -97,21 +94,9 @@ def sample_volume(model: MultiRaterModel, images: Tensor, mode: str, num_samples
     return out.movedim(0, -3)
 
 
-@dataclass
-class CaseData:
-    """One volume from the store: ``images (D,C,H,W)`` float32, ``masks (D,R,H,W)`` bool, ``present (R,)``."""
-
-    case_id: str
-    images: np.ndarray
-    masks: np.ndarray
-    present: np.ndarray
-
-
 def score_case(labels: Tensor, preds: Tensor, conventions: Sequence[str], estimator: str,
                thresholds: Sequence[float]) -> dict[str, dict[str, Any]]:
     """``{convention: case_metrics(...)}`` for labels ``(N, *S)`` in {0,1} and predictions ``(M, *S)``."""
-    from proseg.metrics import case_metrics
-
     return {c: case_metrics(labels, preds, convention=c, estimator=estimator, thresholds=tuple(thresholds))
             for c in conventions}
 
@@ -157,8 +142,6 @@ def evaluate_cases(
     skipped = 0
     iterator: Any = mine
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(mine, desc="evaluate", unit="case", dynamic_ncols=True)
     try:
         for key in iterator:

@@ -1,20 +1,28 @@
-"""Run logs: CSV and JSONL always, TensorBoard when the ``tensorboard`` package is installed (rank 0 only)."""
+"""Run logs: CSV and JSONL always, TensorBoard when the ``tensorboard`` package is installed (rank 0 only).
+
+JSONL lines are strict JSON (:mod:`proseg.jsonio`): a NaN/Inf value (e.g. ``grad_norm`` without clipping, a
+diverged loss term) is written as ``null``; the CSV keeps it as ``nan`` / ``inf``, and TensorBoard gets only
+finite scalars.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from proseg.engine.checkpoint import atomic_write_text
+from proseg.engine.checkpoint import TENSORBOARD_DIR
+from proseg.fsutil import atomic_write_text
+from proseg.jsonio import dumps
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/Inf; keep them readable
-    return v
+def _from_json(row: dict[str, Any]) -> dict[str, Any]:
+    # A logged value is a number, a string or a bool; a null was a NaN/Inf (jsonio), so the CSV rewritten on
+    # resume reads as the one an uninterrupted run wrote.
+    return {k: math.nan if v is None else v for k, v in row.items()}
 
 
 class RunLogger:
@@ -32,43 +40,34 @@ class RunLogger:
         if resume_step is not None and self.jsonl.is_file():
             for line in self.jsonl.read_text().splitlines():
                 if line.strip():
-                    row = json.loads(line)
+                    row = _from_json(json.loads(line))
                     if int(row.get("step", 0)) <= resume_step:
                         self.rows.append(row)
-            atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+            atomic_write_text(self.jsonl, "".join(dumps(r) + "\n" for r in self.rows))
         elif self.jsonl.exists():
             self.jsonl.unlink()
         self._columns: list[str] = []
         for r in self.rows:
             self._columns += [k for k in r if k not in self._columns]
         self._rewrite_csv()
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
+        self.tb = _summary_writer(run_dir / TENSORBOARD_DIR) if tensorboard else None
 
     def _rewrite_csv(self) -> None:
-        lines: list[str] = []
+        text = ""
         if self._columns:
-            import io
-
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=self._columns, lineterminator="\n")
             w.writeheader()
             for r in self.rows:
                 w.writerow(r)
-            lines.append(buf.getvalue())
-        atomic_write_text(self.csv, "".join(lines))
+            text = buf.getvalue()
+        atomic_write_text(self.csv, text)
 
     def log(self, row: dict[str, Any]) -> None:
-        row = {k: _jsonable(v) for k, v in row.items()}
+        row = dict(row)
         self.rows.append(row)
         with open(self.jsonl, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(dumps(row) + "\n")
         new = [k for k in row if k not in self._columns]
         if new:  # a new column: rewrite the CSV with the wider header
             self._columns += new
@@ -79,9 +78,22 @@ class RunLogger:
         if self.tb is not None:
             step = int(row.get("step", 0))
             for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer(directory: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``directory``, or None without the optional ``tensorboard`` package.
+
+    Imported here, not at the top: ``torch.utils.tensorboard`` raises ImportError without that package, and
+    importing it costs about a second, which only a run that logs should pay.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory))

@@ -4,11 +4,13 @@ One process, one GPU, or many processes on many machines (DDP under ``torchrun``
 
 * DDP switches on when ``WORLD_SIZE > 1`` (``nccl`` on CUDA, ``gloo`` on CPU); ``train.batch_size`` is the
   global batch, each rank takes ``batch_size / W`` of every global batch (:class:`GlobalBatchSampler`), so a
-  W-process run follows the 1-process run's batches.
-* Randomness is keyed, not streamed: before optimizer step ``s`` every RNG (torch, NumPy, Python) of rank
-  ``r`` is reseeded from ``(seed, r, s)``, and epoch ``e``'s data order from ``(seed, e)``. A run therefore
-  resumes exactly from any saved step, whatever happened in between (validation, a crash, a restart on
-  another number of workers ...). The RNG states are saved anyway (``state.pt``) and restored on resume.
+  W-process run follows the 1-process run's batches. Every collective is a named function of
+  :mod:`proseg.engine.distributed` (a no-op in one process).
+* Randomness is keyed, not streamed (:mod:`proseg.engine.seeding`): before optimizer step ``s`` every RNG
+  (torch, NumPy, Python) of rank ``r`` is reseeded from ``(seed, r, s)``, and epoch ``e``'s data order from
+  ``(seed, e)``. A run therefore resumes exactly from any saved step, whatever happened in between (validation,
+  a crash, a restart on another number of workers ...). The RNG states are saved anyway (``state.pt``) and
+  restored on resume.
 * The loss goes through a thin module whose ``forward`` calls ``model.loss(batch)``, so DDP's gradient hooks
   and ``torch.compile`` see an ordinary forward.
 * A non-finite loss (or gradient norm) skips the step on every rank, logs the terms that went bad, and
@@ -20,51 +22,66 @@ One process, one GPU, or many processes on many machines (DDP under ``torchrun``
 * Run folders follow one rule (:func:`proseg.engine.checkpoint.plan_run_dir`): without saved state they start
   afresh, with saved state they need ``resume`` or ``force``. Checkpoint folders are swapped in whole.
 
-Hooks (override in a subclass, nnU-Net style): ``on_train_start``, ``on_epoch_start``, ``train_step``,
-``on_train_step_end``, ``validate``, ``on_validation_end``, ``on_epoch_end``, ``on_train_end``.
+Extension points (override in a subclass, like nnU-Net's trainer variants; build one with
+``MyTrainer.from_config(cfg, run_dir)``):
+
+* builders, called once by the constructor (or per epoch segment): :meth:`Trainer.build_data`,
+  :meth:`Trainer.build_model`, :meth:`Trainer.build_optimizer`, :meth:`Trainer.build_loader`;
+* the step and the validation: :meth:`Trainer.train_step`, :meth:`Trainer.validate`;
+* hooks, no-ops here: ``on_train_start``, ``on_epoch_start``, ``on_train_step_end``, ``on_validation_end``,
+  ``on_epoch_end``, ``on_train_end``. The loop itself validates and checkpoints
+  (:meth:`Trainer.validate_and_checkpoint`) every ``train.val_every`` epochs and at the end, whatever the hooks do.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-import proseg
+from proseg import __version__
 from proseg.engine import checkpoint as ckpt
-from proseg.engine.config import Config, config_to_yaml, validate_config
+from proseg.engine import schedule
+from proseg.engine.config import Config, config_to_yaml, load_config, validate_config
+from proseg.engine.data import train_data
 from proseg.engine.distributed import (
     DistInfo,
     all_gather_objects,
-    all_reduce_flag,
-    broadcast_object,
+    all_ranks,
+    all_reduce_max,
+    all_reduce_mean,
+    any_rank,
     env_dist_info,
     init_distributed,
-    is_dist,
+    main_rank_does,
     resolve_device,
+    same_on_all_ranks,
 )
-from proseg.engine.evaluation import CaseData, evaluate_cases, resolve_modes, selection_score
+from proseg.engine.evaluation import evaluate_cases, resolve_modes, selection_score, supports
 from proseg.engine.logger import RunLogger
 from proseg.engine.sampler import GlobalBatchSampler
-from proseg.engine.schedule import build_optimizer, lr_factor, set_lr
+from proseg.engine.seeding import derive_seed, seed_all
+from proseg.engine.types import TrainData
 from proseg.errors import CheckpointError, ConfigError, NonFiniteError, NonFiniteLossError, ProsegError
-from proseg.fsutil import empty_dir
+from proseg.fsutil import atomic_write_text
+from proseg.jsonio import write_json
 from proseg.metrics.aggregate import aggregate
-from proseg.models.base import MultiRaterModel, nonfinite_tensors
+from proseg.models import create_model
+from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, nonfinite_tensors, read_weights
 
 
 class _LossModule(nn.Module):
@@ -78,41 +95,15 @@ class _LossModule(nn.Module):
         return self.model.loss(batch)
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))  # noqa: NPY002 (third-party code may draw from the legacy global RNG)
-    torch.manual_seed(seed)
-
-
-class TrainData:
-    """What the trainer needs from a dataset (built from ``cfg.data`` by :func:`proseg.engine.data.train_data`).
-
-    Attributes:
-        train: a Dataset of dict items ``{"image" (C,H,W), "masks" (R,H,W), "rater_present" (R,), ...}``.
-        val_cases: case (volume) ids of the fold's validation part, in a fixed order.
-        load_case: ``case_id -> CaseData`` for validation.
-        meta: ``in_channels``, ``num_raters``, ``rater_names``, ``manifest_sha256``, ``preprocessing``, ...
-    """
-
-    def __init__(self, train: Dataset, val_cases: Sequence[str], load_case: Callable[[str], CaseData],
-                 meta: dict[str, Any]) -> None:
-        self.train, self.val_cases, self.load_case, self.meta = train, list(val_cases), load_case, meta
-
-
 class Trainer:
     """Train ``cfg.model`` on ``cfg.data`` into ``run_dir``.
 
     Args:
         cfg: the run configuration (validated here).
         run_dir: output directory (created; must be empty of another run unless ``resume``).
-        data: the datasets (default: built from ``cfg.data.path``).
-        model: a model instance to train (default: ``create_model`` from ``cfg.model`` and the data's C, R).
+        data: the datasets (default: :meth:`build_data`, from ``cfg.data.path``).
+        model: a model instance to train (default: :meth:`build_model`, ``create_model`` from ``cfg.model`` and
+            the data's C, R, then the weights of ``cfg.model.init_from``).
         resume: continue the run in ``run_dir`` from its last saved state.
         force: replace the run in ``run_dir`` even when it has saved state (only a proseg run folder).
         command: the command line, recorded in ``run.json``.
@@ -128,89 +119,94 @@ class Trainer:
         if model is None:
             validate_config(cfg)
         self.run_dir = Path(run_dir)
-        self.dist: DistInfo = env_dist_info()
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        self.device = resolve_device(cfg.train.device, self.dist, key="train.device")
-        init_distributed(self.device, self.dist)
-        if cfg.train.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError(f"train.precision=fp16 needs CUDA, and this run is on {self.device} (use bf16 on CPU)")
-        seed_all(derive_seed(cfg.train.seed, self.dist.rank, -1))
-
-        if data is None:
-            from proseg.engine.data import train_data
-
-            data = train_data(cfg)
-        self.data = data
-        if model is None:
-            model = self._build_model(data)
-            if cfg.model.init_from:
-                self._init_weights(model, cfg.model.init_from)
-        self.model: MultiRaterModel = model.to(self.device)
+        self.command = command
+        self._setup_process()
+        self.data = data if data is not None else self.build_data()
+        self.model: MultiRaterModel = (model if model is not None else self._configured_model()).to(self.device)
         self._val_modes()  # fail early on a val_mode the model does not have
-
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = self.build_optimizer()
+        for group in self.optimizer.param_groups:  # the schedule scales each group's base_lr
+            group.setdefault("base_lr", group["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        net: nn.Module = _LossModule(self.model)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.train.compile:
-            net = torch.compile(net)  # type: ignore[assignment]
-        self.net = net
-
-        self.sampler = GlobalBatchSampler(data.train, cfg.train.batch_size, num_replicas=self.dist.world_size,
+        self.net = self._wrap(_LossModule(self.model))
+        self.sampler = GlobalBatchSampler(self.data.train, cfg.train.batch_size, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, seed=cfg.train.seed, shuffle=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        full = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = (min(cfg.train.max_steps, full) if cfg.train.epochs > 0 and cfg.train.max_steps > 0
-                            else (cfg.train.max_steps or full))
-        # Progress state (saved in state.pt)
-        self.step = 0
-        self.best_score: float | None = None
-        self.best_step: int | None = None
-        self.elapsed = 0.0
-        self.nonfinite_run = 0
-        self.skipped_steps = 0
-        self.last_val_step = -1
-        self.command = command
+        self.total_steps = self._total_steps()
+        self._reset_progress()
+        self._open_run(resume, force)
 
-        self._open_run_dir(resume, force)
-        resume_step: int | None = None
-        if resume:
-            self._load_state()
-            resume_step = self.step
-        self.logger = RunLogger(self.run_dir, "log", resume_step) if self.dist.is_main else None
-        self.val_logger = RunLogger(self.run_dir, "val", resume_step, tensorboard=False) \
-            if self.dist.is_main else None
-        if self.dist.is_main:
-            self._write_run_files(resume)
+    @classmethod
+    def from_config(cls, cfg: Config | str | os.PathLike[str], run_dir: str | os.PathLike[str],
+                    **kwargs: Any) -> Trainer:
+        """A trainer (of this class: a variant's ``from_config`` builds the variant) for ``cfg``, a :class:`Config`
+        or the path of a YAML config; ``kwargs`` are the constructor's (``data``, ``model``, ``resume``, ...)."""
+        if not isinstance(cfg, Config):
+            cfg = load_config(cfg)
+        return cls(cfg, run_dir, **kwargs)
 
-    # --- set-up helpers --------------------------------------------------------------------------------
-    def _build_model(self, data: TrainData) -> MultiRaterModel:
+    # --- builders (override in a variant) ---------------------------------------------------------------
+    def build_data(self) -> TrainData:
+        """The training set and validation cases: the store at ``cfg.data.path``, fold ``cfg.data.fold``."""
+        return train_data(self.cfg)
+
+    def build_model(self) -> MultiRaterModel:
         """``create_model`` from ``cfg.model``; a constructor's ValueError (a bad value) names ``model.args``."""
-        from proseg.models import create_model
-
         m = self.cfg.model
         try:
-            return create_model(m.name, in_channels=int(data.meta["in_channels"]),
-                                num_raters=int(data.meta["num_raters"]), preset=m.preset, **m.args)
+            return create_model(m.name, in_channels=int(self.data.meta["in_channels"]),
+                                num_raters=int(self.data.meta["num_raters"]), preset=m.preset, **m.args)
         except ProsegError:
             raise
         except ValueError as exc:
             raise ConfigError(f"model.args: {exc} (model.name={m.name}, model.preset={m.preset}, "
                               f"args {m.args})") from exc
 
+    def build_optimizer(self) -> Optimizer:
+        """Adam/AdamW from ``cfg.optim`` over ``model.param_groups`` (:func:`proseg.engine.schedule.build_optimizer`).
+
+        A variant may return any optimizer: the learning-rate schedule multiplies each group's ``base_lr``,
+        which defaults to the group's initial ``lr``."""
+        return schedule.build_optimizer(self.model, self.cfg.optim, self.device)
+
+    def build_loader(self, epoch: int, start: int) -> DataLoader:
+        """The loader of this rank's part of epoch ``epoch``'s global batches from batch ``start`` on (a resumed
+        run starts mid-epoch); the order is keyed by (seed, epoch), augmentation by (seed, epoch, row)."""
+        self.sampler.set_epoch(epoch, start_batch=start)
+        if hasattr(self.data.train, "set_epoch"):  # augmentation keyed by (seed, epoch, row)
+            self.data.train.set_epoch(epoch)
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.cfg.train.seed, self.dist.rank, epoch, start))  # worker base seeds
+        return DataLoader(self.data.train, batch_size=self.sampler.local_batch, sampler=self.sampler,
+                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                          drop_last=False, generator=g, persistent_workers=False)
+
+    # --- set-up ------------------------------------------------------------------------------------------
+    def _setup_process(self) -> None:
+        """This process's place in the run (rank, device, process group), determinism, and the set-up seed."""
+        cfg = self.cfg.train
+        self.dist: DistInfo = env_dist_info()
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.device = resolve_device(cfg.device, self.dist, key="train.device")
+        init_distributed(self.device, self.dist)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.precision=fp16 needs CUDA, and this run is on {self.device} (use bf16 on CPU)")
+        seed_all(derive_seed(cfg.seed, self.dist.rank, -1))  # the data set-up and the model's initial weights
+
+    def _configured_model(self) -> MultiRaterModel:
+        model = self.build_model()
+        if self.cfg.model.init_from:
+            self._init_weights(model, self.cfg.model.init_from)
+        return model
+
     @staticmethod
     def _init_weights(model: MultiRaterModel, source: str) -> None:
         """Load the weights of checkpoint ``source`` strictly into ``model`` (same architecture); refuse a file
         that cannot be read and weights with NaN/Inf (a run must not start from a diverged checkpoint)."""
-        from proseg.models.base import WEIGHTS_NAME, read_weights
-
         try:
             src = ckpt.resolve_checkpoint(source)
         except FileNotFoundError as exc:
@@ -226,54 +222,61 @@ class Trainer:
             raise CheckpointError(f"model.init_from={source}: the weights in {path} do not fit the configured "
                                   f"model ({exc})") from exc
 
-    def _open_run_dir(self, resume: bool, force: bool) -> None:
-        """Apply the run-folder rule on rank 0 (see :func:`ckpt.plan_run_dir`); every rank gets its verdict."""
-        err: BaseException | None = None
-        if self.dist.is_main:
-            try:
-                self._prepare_run_dir(resume, force)
-            except (ProsegError, OSError) as exc:
-                err = exc
-        shared = broadcast_object(err)  # also the barrier: the folder is ready before any rank reads it
-        if err is not None:
-            raise err
-        if shared is not None:
-            raise shared
+    def _wrap(self, net: nn.Module) -> nn.Module:
+        """The loss module as the step runs it: under DDP (gradient all-reduce), then ``torch.compile``."""
+        if self.dist.enabled:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            net = torch.compile(net)  # type: ignore[assignment]
+        return net
 
-    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
-        run = self.run_dir
-        plan = ckpt.plan_run_dir(run, resume=resume, force=force)
-        if plan == "resume":
-            ckpt.recover_checkpoints(run)  # a crash in the middle of a checkpoint swap: put the old one back
-        elif plan == "replace":
-            state = ckpt.saved_state(run)
-            step = ckpt.checkpoint_step(state.parent) if state is not None else None
-            self._say(f"--force: replacing the run in {run}" + (f" (it was at step {step})" if step else ""))
-            empty_dir(run, first=("checkpoints",))  # the saved state first: a cut-short delete is not resumable
-        elif plan == "afresh":
-            self._say(f"no saved state in {run}; starting afresh")
-            for stale in ("checkpoints", "tensorboard"):  # the logs and run files are rewritten anyway
-                if (run / stale).is_dir():
-                    shutil.rmtree(run / stale)
-        run.mkdir(parents=True, exist_ok=True)
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        full = t.epochs * self.steps_per_epoch
+        return min(t.max_steps, full) if t.epochs > 0 and t.max_steps > 0 else (t.max_steps or full)
+
+    def _reset_progress(self) -> None:
+        """The progress state (saved in state.pt) of a run at its start."""
+        self.step = 0
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.elapsed = 0.0
+        self.nonfinite_run = 0
+        self.skipped_steps = 0
+        self.last_val_step = -1
+        self._t_mark = time.time()  # wall-clock mark: `elapsed` counts up to it
+
+    def _open_run(self, resume: bool, force: bool) -> None:
+        """Apply the run-folder rule on rank 0 (every rank gets its verdict), load the saved state when resuming,
+        open the logs and write ``config.yaml`` + ``run.json`` (rank 0)."""
+        main_rank_does(lambda: self._note(ckpt.prepare_run_dir(self.run_dir, resume=resume, force=force)),
+                       catch=(ProsegError, OSError))  # also the barrier: the folder is ready before any rank reads it
+        resume_step: int | None = None
+        if resume:
+            self._load_state()
+            resume_step = self.step
+        main = self.dist.is_main
+        self.logger = RunLogger(self.run_dir, "log", resume_step) if main else None
+        self.val_logger = RunLogger(self.run_dir, "val", resume_step, tensorboard=False) if main else None
+        if main:
+            self._write_run_files(resume)
 
     def _val_modes(self) -> list[str]:
         mode = self.cfg.train.val_mode
         if mode == "auto":
-            mode = "personalized" if _supports(self.model, "personalized") else "diverse"
+            mode = "personalized" if supports(self.model, "personalized") else "diverse"
         return resolve_modes(self.model, [mode], strict=True)
 
     def _write_run_files(self, resume: bool) -> None:
-        ckpt.atomic_write_text(self.run_dir / "config.yaml", config_to_yaml(self.cfg))
-        info_path = self.run_dir / "run.json"
+        atomic_write_text(self.run_dir / ckpt.CONFIG_FILE, config_to_yaml(self.cfg))
+        info_path = self.run_dir / ckpt.RUN_INFO_FILE
         info: dict[str, Any] = {}
         if resume and info_path.is_file():
-            import json
-
             info = json.loads(info_path.read_text())
-        info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        info.setdefault("started", now)
         info.update({
-            "proseg_version": proseg.__version__,
+            "proseg_version": __version__,
             "git_commit": ckpt.git_commit(),
             "torch_version": torch.__version__,
             "dataset": str(self.cfg.data.path),
@@ -287,14 +290,14 @@ class Trainer:
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
         })
         if resume:
-            info.setdefault("resumes", []).append({"at_step": self.step, "command": self.command,
-                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            info.setdefault("resumes", []).append({"at_step": self.step, "command": self.command, "time": now})
         else:
             info["command"] = self.command
-        ckpt.write_json(info_path, info)
+        write_json(info_path, info)
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: what ``state.pt`` holds (see :mod:`proseg.engine.checkpoint`)."""
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -310,7 +313,7 @@ class Trainer:
             "last_val_step": self.last_val_step,
             "world_size": self.dist.world_size,
             "global_batch": self.cfg.train.batch_size,
-            "proseg_version": proseg.__version__,
+            "proseg_version": __version__,
         }
 
     def _model_extra(self, score: float | None) -> dict[str, Any]:
@@ -323,21 +326,15 @@ class Trainer:
         Each folder is swapped in whole (:func:`ckpt.write_checkpoint`); a failed save (a full disk ...) keeps
         the previous folders and raises :class:`CheckpointError` on every rank, saying which steps they hold.
         """
-        err: CheckpointError | None = None
-        if self.dist.is_main:
+
+        def write() -> None:
             extra = self._model_extra(score)
             last = self.run_dir / ckpt.LAST_DIR
-            try:
-                if best:  # best before last: a crash in between re-validates and re-saves best on resume
-                    ckpt.write_checkpoint(self.run_dir / ckpt.BEST_DIR, self.model, extra, untouched=(last,))
-                ckpt.write_checkpoint(last, self.model, extra, state=self.state_dict())
-            except CheckpointError as exc:
-                err = exc
-        msg = broadcast_object(None if err is None else str(err))  # also the barrier after the save
-        if err is not None:
-            raise err
-        if msg is not None:
-            raise CheckpointError(msg)
+            if best:  # best before last: a crash in between re-validates and re-saves best on resume
+                ckpt.write_checkpoint(self.run_dir / ckpt.BEST_DIR, self.model, extra, untouched=(last,))
+            ckpt.write_checkpoint(last, self.model, extra, state=self.state_dict())
+
+        main_rank_does(write, catch=(CheckpointError,))  # also the barrier after the save
 
     _STATE_KEYS = ("model", "optimizer", "scaler", "rng", "step", "best_score", "best_step", "elapsed",
                    "nonfinite_run", "skipped_steps", "last_val_step")
@@ -377,33 +374,24 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.last_val_step = int(state["last_val_step"])
 
-    # --- hooks ------------------------------------------------------------------------------------------
+    # --- hooks (no-ops: override in a variant) ------------------------------------------------------------
     def on_train_start(self) -> None:
-        self._say(f"training {getattr(self.model, 'model_name', '') or type(self.model).__name__} for "
-                  f"{self.total_steps} steps ({self.steps_per_epoch} per epoch, global batch "
-                  f"{self.cfg.train.batch_size} on {self.dist.world_size} process(es), {self.device}) -> "
-                  f"{self.run_dir}" + (f", resuming at step {self.step}" if self.step else ""))
+        """Before the first step of :meth:`fit` (after a resume's state is loaded)."""
 
     def on_epoch_start(self, epoch: int) -> None:
-        pass
+        """Before the first step of epoch ``epoch`` (not called for the rest of an epoch a resume starts in)."""
 
     def on_train_step_end(self, out: dict[str, float]) -> None:
-        pass
+        """After optimizer step ``self.step`` (already counted); ``out``: its loss terms, or ``{"skipped": 1.0}``."""
 
     def on_validation_end(self, summary: dict[str, Any]) -> None:
-        pass
+        """After a validation, before its checkpoint is saved; ``summary``: what :meth:`validate` returned."""
 
     def on_epoch_end(self, epoch: int) -> None:
-        if (epoch + 1) % self.cfg.train.val_every == 0:
-            self.validate_and_checkpoint()
+        """After the last step of epoch ``epoch`` and its validation + checkpoint when one was due."""
 
     def on_train_end(self) -> None:
-        if self.last_val_step != self.step:
-            self.validate_and_checkpoint()
-        if self.logger is not None:
-            self.logger.close()
-        if self.val_logger is not None:
-            self.val_logger.close()
+        """After the last step and the final validation + checkpoint, before the logs are closed."""
 
     # --- the step ---------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -418,8 +406,7 @@ class Trainer:
         with self._autocast():
             out = self.net(batch)
         loss = out["loss"]
-        ok = all_reduce_min_finite(loss.detach())
-        if not ok:
+        if not all_ranks(bool(torch.isfinite(loss.detach()).all())):  # all ranks step, or all skip
             bad = sorted(k for k, v in out.items() if isinstance(v, Tensor) and not bool(torch.isfinite(v).all()))
             self._skip(f"non-finite loss (bad terms on rank {self.dist.rank}: {', '.join(bad) or 'on another rank'})")
             return {"skipped": 1.0}
@@ -483,9 +470,7 @@ class Trainer:
             return
         norms = _abs_sums(ts)
         bad = not bool(torch.isfinite(torch.stack([n.to(self.device) for n in norms])).all())
-        if is_dist():
-            bad = all_reduce_flag(bad)
-        if bad:
+        if any_rank(bad):
             self._diverged(out)
 
     def _diverged(self, out: dict[str, float]) -> None:
@@ -555,6 +540,8 @@ class Trainer:
                 "cases": len(cases), "seconds": time.time() - t0}
 
     def validate_and_checkpoint(self) -> None:
+        """Validate (:meth:`validate`), track the best score, log it, call ``on_validation_end``, then save
+        ``checkpoints/last`` and, for a new best (or without a validation part), ``checkpoints/best``."""
         res = self.validate()
         self.last_val_step = self.step
         is_best = False
@@ -566,15 +553,7 @@ class Trainer:
                                                       else score < self.best_score))
                 if better:
                     self.best_score, self.best_step, is_best = score, self.step, True
-            if self.val_logger is not None:
-                row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "mode": res["mode"],
-                       "metric": self.cfg.train.val_metric, "score": score, "best": is_best, "cases": res["cases"],
-                       "seconds": round(res["seconds"], 3)}
-                row.update({k: v["mean"] for k, v in res["summary"].items()})
-                self.val_logger.log(row)
-            self._say(f"step {self.step}: validation {self.cfg.train.val_metric}={score:.4f} on {res['cases']} "
-                      f"cases ({res['mode']})" + (" (best)" if is_best else f", best {self.best_score:.4f} "
-                                                    f"at step {self.best_step}"))
+            self._log_validation(res, score, is_best)
             self.on_validation_end(res)
         else:
             # No validation part: the latest weights are the selected ones.
@@ -582,67 +561,56 @@ class Trainer:
             self.best_step = self.step
         self.save_checkpoint(best=is_best, score=score)
 
+    def _log_validation(self, res: dict[str, Any], score: float, is_best: bool) -> None:
+        if self.val_logger is not None:
+            row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "mode": res["mode"],
+                   "metric": self.cfg.train.val_metric, "score": score, "best": is_best, "cases": res["cases"],
+                   "seconds": round(res["seconds"], 3)}
+            row.update({k: v["mean"] for k, v in res["summary"].items()})
+            self.val_logger.log(row)
+        self._say(f"step {self.step}: validation {self.cfg.train.val_metric}={score:.4f} on {res['cases']} "
+                  f"cases ({res['mode']})" + (" (best)" if is_best else f", best {self.best_score:.4f} "
+                                                f"at step {self.best_step}"))
+
     # --- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train until ``total_steps`` or the time budget; returns a summary dict."""
         cfg = self.cfg.train
+        self._say(self._plan())
         self.on_train_start()
-        bar = None
-        if self.dist.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                       disable=None, file=sys.stderr)
-        t_mark = time.time()
-        last_log_t, last_log_step = time.time(), self.step
+        bar = self._progress_bar()
+        self._t_mark = time.time()
+        self._log_mark = (self._t_mark, self.step)  # samples/s are measured between log rows
         stop = False
         last: dict[str, float] = {}
         try:
             while self.step < self.total_steps and not stop:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch, start_batch=start)
-                if hasattr(self.data.train, "set_epoch"):  # augmentation keyed by (seed, epoch, row)
-                    self.data.train.set_epoch(epoch)
+                loader = self.build_loader(epoch, start)
                 if start == 0:
                     self.on_epoch_start(epoch)
-                loader = self._loader(epoch, start)
                 for batch in loader:
-                    seed_all(derive_seed(cfg.seed, self.dist.rank, self.step))
-                    factor = lr_factor(self.step, self.total_steps, self.cfg.optim, self._budget_progress(t_mark))
-                    lr = set_lr(self.optimizer, factor)
-                    out = self.train_step(batch)
-                    if not out.get("skipped"):
-                        self.check_finite_state(out)  # before a validation or checkpoint can use the weights
-                    self.step += 1
-                    now = time.time()
-                    self.elapsed += now - t_mark
-                    t_mark = now
-                    last = out
-                    self.on_train_step_end(out)
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        row = self._log_row(out, lr, (self.step - last_log_step) * cfg.batch_size
-                                            / max(now - last_log_t, 1e-9))
-                        last_log_t, last_log_step = now, self.step
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}",
-                                            samples_s=f"{row['samples_per_s']:.1f}")
-                    if bar is not None:
-                        bar.update(1)
-                    if cfg.time_budget_s > 0:
-                        stop = all_reduce_flag(self.elapsed >= cfg.time_budget_s)
+                    last = self._optimizer_step(batch, bar)
+                    stop = cfg.time_budget_s > 0 and any_rank(self.elapsed >= cfg.time_budget_s)
                     if self.step % self.steps_per_epoch == 0:
-                        self.on_epoch_end(self.step // self.steps_per_epoch - 1)  # validates + saves when due
-                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                            and self.last_val_step != self.step):
+                        done = self.step // self.steps_per_epoch - 1
+                        if (done + 1) % cfg.val_every == 0:
+                            self.validate_and_checkpoint()
+                        self.on_epoch_end(done)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                            and self.last_val_step != self.step:
                         self.save_checkpoint()
-                    now = time.time()  # wall clock: validation and checkpoints count too
-                    self.elapsed += now - t_mark
-                    t_mark = now
+                    self._tick()  # wall clock: validation and checkpoints count too
                     if self.step >= self.total_steps or stop:
                         break
             if stop:
                 self._say(f"time budget of {cfg.time_budget_s:g} s spent at step {self.step}/{self.total_steps}")
+            if self.last_val_step != self.step:
+                self.validate_and_checkpoint()
             self.on_train_end()
+            for logger in (self.logger, self.val_logger):
+                if logger is not None:
+                    logger.close()
         finally:
             if bar is not None:
                 bar.close()
@@ -650,36 +618,49 @@ class Trainer:
                 "best_step": self.best_step, "elapsed_s": self.elapsed, "skipped_steps": self.skipped_steps,
                 "stopped_by_budget": stop, "last": last, "run_dir": str(self.run_dir)}
 
-    def _budget_progress(self, t_mark: float) -> float | None:
+    def _optimizer_step(self, batch: dict[str, Tensor], bar: Any) -> dict[str, float]:
+        """Step ``self.step`` with its bookkeeping: keyed reseed, learning rate, :meth:`train_step`, the finite-state
+        check, the clock, ``on_train_step_end``, the log row and the progress bar."""
+        cfg = self.cfg.train
+        seed_all(derive_seed(cfg.seed, self.dist.rank, self.step))
+        factor = schedule.lr_factor(self.step, self.total_steps, self.cfg.optim, self._budget_progress())
+        lr = schedule.set_lr(self.optimizer, factor)
+        out = self.train_step(batch)
+        if not out.get("skipped"):
+            self.check_finite_state(out)  # before a validation or checkpoint can use the weights
+        self.step += 1
+        now = self._tick()
+        self.on_train_step_end(out)
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            t0, step0 = self._log_mark
+            row = self._log_row(out, lr, (self.step - step0) * cfg.batch_size / max(now - t0, 1e-9))
+            self._log_mark = (now, self.step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+        if bar is not None:
+            bar.update(1)
+        return out
+
+    def _tick(self) -> float:
+        """Add the wall-clock time since the last tick to ``elapsed``; returns now."""
+        now = time.time()
+        self.elapsed += now - self._t_mark
+        self._t_mark = now
+        return now
+
+    def _budget_progress(self) -> float | None:
+        """The spent fraction of ``train.time_budget_s`` (None without a budget), the same on every rank."""
         budget = self.cfg.train.time_budget_s
         if budget <= 0:
             return None
-        spent = self.elapsed + (time.time() - t_mark)
-        if is_dist():  # every rank must use the same learning rate
-            t = torch.tensor([spent], dtype=torch.float64)
-            if torch.distributed.get_backend() == "nccl":
-                t = t.to(self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            spent = float(t.item())
+        spent = all_reduce_max(self.elapsed + (time.time() - self._t_mark), self.device)  # every rank: same lr
         return min(spent / budget, 1.0)
-
-    def _loader(self, epoch: int, start: int) -> DataLoader:
-        g = torch.Generator()
-        g.manual_seed(derive_seed(self.cfg.train.seed, self.dist.rank, epoch, start))  # worker base seeds
-        return DataLoader(self.data.train, batch_size=self.sampler.local_batch, sampler=self.sampler,
-                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                          drop_last=False, generator=g, persistent_workers=False)
 
     def _log_row(self, out: dict[str, float], lr: float, samples_per_s: float) -> dict[str, Any]:
         keys = sorted(k for k in out if k != "skipped")
         vals = torch.tensor([out.get(k, math.nan) for k in keys], dtype=torch.float64)
-        if is_dist():  # the global batch's loss: mean over ranks
-            sizes = all_gather_len(len(keys))
-            if len(set(sizes)) == 1:
-                if torch.distributed.get_backend() == "nccl":
-                    vals = vals.to(self.device)
-                torch.distributed.all_reduce(vals)
-                vals = vals.cpu() / self.dist.world_size
+        if same_on_all_ranks(len(keys)):  # the global batch's loss: mean over ranks
+            vals = all_reduce_mean(vals, self.device)
         row: dict[str, Any] = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "lr": lr}
         row.update({k: float(v) for k, v in zip(keys, vals.tolist(), strict=True)})
         row.update({"skipped": int(out.get("skipped", 0)), "samples_per_s": round(samples_per_s, 2),
@@ -688,21 +669,26 @@ class Trainer:
             self.logger.log(row)
         return row
 
+    def _plan(self) -> str:
+        return (f"training {getattr(self.model, 'model_name', '') or type(self.model).__name__} for "
+                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch, global batch "
+                f"{self.cfg.train.batch_size} on {self.dist.world_size} process(es), {self.device}) -> "
+                f"{self.run_dir}" + (f", resuming at step {self.step}" if self.step else ""))
+
+    def _progress_bar(self) -> Any:
+        if not self.dist.is_main:
+            return None
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=None, file=sys.stderr)
+
+    def _note(self, msg: str | None) -> None:
+        if msg:
+            self._say(msg)
+
     def _say(self, msg: str, warn: bool = False) -> None:
         if self.dist.is_main or warn:
             prefix = "warning: " if warn else ""
-            try:
-                from tqdm import tqdm
-
-                tqdm.write(f"[proseg] {prefix}{msg}", file=sys.stderr)
-            except ImportError:  # pragma: no cover
-                print(f"[proseg] {prefix}{msg}", file=sys.stderr)
-
-
-def _supports(model: MultiRaterModel, mode: str) -> bool:
-    from proseg.engine.evaluation import supports
-
-    return supports(model, mode)
+            tqdm.write(f"[proseg] {prefix}{msg}", file=sys.stderr)
 
 
 def _few(names: Sequence[str], n: int = 4) -> str:
@@ -726,17 +712,3 @@ def _abs_sums(ts: list[Tensor]) -> list[Tensor]:
     rest = [t for t in ts if t.dtype not in _LOW_PRECISION] if low else ts
     out = list(foreach(rest, ord=1)) if rest else []
     return out + (list(foreach(low, ord=1, dtype=torch.float32)) if low else [])
-
-
-def all_reduce_min_finite(loss: Tensor) -> bool:
-    """True when the loss is finite on every rank (one collective; all ranks then agree to step or skip)."""
-    ok = bool(torch.isfinite(loss).all())
-    if not is_dist():
-        return ok
-    return not all_reduce_flag(not ok)
-
-
-def all_gather_len(n: int) -> list[int]:
-    from proseg.engine.distributed import all_gather_objects
-
-    return [int(x) for x in all_gather_objects(n)]

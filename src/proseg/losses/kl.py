@@ -47,3 +47,23 @@ def log_variance(variance: float) -> float:
     if variance <= 0:
         raise ValueError(f"a prior variance must be > 0, got {variance}")
     return math.log(variance)
+
+
+def full_gaussian_kl_isotropic(mu: Tensor, scale_tril: Tensor, prior_std: float) -> Tensor:
+    """KL( N(mu, L L^T) || N(0, prior_std^2 I) ) in closed form (Pionono's KL).
+
+    Args:
+        mu: ``(..., D)`` means; scale_tril: ``(..., D, D)`` lower-triangular ``L`` with a positive diagonal.
+        prior_std: the prior's standard deviation ``s`` (> 0).
+
+    Returns:
+        ``(...)``: ``0.5 * (||L||_F^2 / s^2 + ||mu||^2 / s^2 - D + D log s^2 - 2 sum_i log L_ii)``.
+    """
+    if prior_std <= 0:
+        raise ValueError(f"prior_std must be > 0, got {prior_std}")
+    d = mu.shape[-1]
+    var_p = prior_std**2
+    trace_term = scale_tril.pow(2).sum((-2, -1)) / var_p
+    mahalanobis = mu.pow(2).sum(-1) / var_p
+    logdet_q = 2.0 * torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace_term + mahalanobis - d + d * math.log(var_p) - logdet_q)

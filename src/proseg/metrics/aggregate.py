@@ -141,6 +141,7 @@ def _atomic_write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> N
     writer.writerows(rows)
     atomic_write_text(Path(path), buf.getvalue())
 
+
 def _cell(v: Any) -> Any:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else repr(v)

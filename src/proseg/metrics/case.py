@@ -146,11 +146,7 @@ def case_metrics(
         >>> rec["ged"], rec["dice_match"], rec["dice_per_rater"]
         (0.0, 1.0, [1.0, 1.0])
     """
-    check_convention(convention)
-    check_estimator(estimator)
-    ts = check_thresholds(thresholds)
-    flat = flatten_cases(labels, preds)
-    return _records_from_flat(flat, convention, estimator, ts)[0]
+    return _records(labels, preds, convention, estimator, thresholds, batched=False)[0]
 
 
 def batch_case_metrics(
@@ -169,8 +165,13 @@ def batch_case_metrics(
     Returns:
         ``B`` records, identical to calling :func:`case_metrics` per case.
     """
+    return _records(labels, preds, convention, estimator, thresholds, batched=True)
+
+
+def _records(labels: object, preds: object, convention: Convention, estimator: Estimator,
+             thresholds: Sequence[float], *, batched: bool) -> list[dict[str, Any]]:
+    """Check the options, validate and flatten the inputs, and score them (one record per case)."""
     check_convention(convention)
     check_estimator(estimator)
     ts = check_thresholds(thresholds)
-    flat = flatten_cases(labels, preds, batched=True)
-    return _records_from_flat(flat, convention, estimator, ts)
+    return _records_from_flat(flatten_cases(labels, preds, batched=batched), convention, estimator, ts)

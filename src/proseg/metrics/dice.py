@@ -32,9 +32,9 @@ from scipy.optimize import linear_sum_assignment
 
 from proseg.metrics.inputs import flatten_cases
 from proseg.metrics.pairwise import (
-    REFERENCE_DICE_SMOOTH,
     Convention,
     check_convention,
+    dice_from_counts,
     pairwise_dice,
     pairwise_intersections,
 )
@@ -138,11 +138,7 @@ def dice_soft_from_flat(
     prd_t = pred_mean.unsqueeze(-2) > t_pred.unsqueeze(-1)
     inter = (lab_t & prd_t).sum(-1, dtype=torch.float64)
     total = lab_t.sum(-1, dtype=torch.float64) + prd_t.sum(-1, dtype=torch.float64)
-    if convention == "reference":
-        per_t = (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
-    else:
-        per_t = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
-    return per_t.mean(-1)
+    return dice_from_counts(inter, total, convention).mean(-1)
 
 
 def dice_soft(

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from proseg.errors import ScoreInputError
+from proseg.data.io import file_kind, read_nifti, read_npy, read_npz_array
+from proseg.errors import DataError, ScoreInputError
 
 SUFFIXES: tuple[str, ...] = (".nii.gz", ".npy", ".npz", ".nii")
 _NPZ_KEYS = {
     "labels": ("labels", "masks", "label", "mask"),
     "preds": ("preds", "predictions", "probs", "probabilities", "samples", "pred"),
 }
-
-
 
 
 def case_name(path: Path) -> str | None:
@@ -43,55 +42,39 @@ def case_name(path: Path) -> str | None:
 
 
 def load_array(path: str | Path, role: str) -> np.ndarray:
-    """Load one case's stack ``(K, *S)`` from ``path``; ``role`` is ``"labels"`` or ``"preds"``."""
-    path = Path(path)
-    if not path.exists():
-        raise ScoreInputError(f"{path}: no such file")
-    if not path.is_file():
-        raise ScoreInputError(f"{path}: not a file")
-    name = path.name
-    try:
-        if name.endswith(".npy"):
-            arr = np.load(path, allow_pickle=False)
-        elif name.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                if len(keys) == 1:
-                    arr = z[keys[0]]
-                else:
-                    hits = [k for k in _NPZ_KEYS[role] if k in keys]
-                    if not hits:
-                        raise ScoreInputError(
-                            f"{path}: {len(keys)} arrays {keys} and none named {list(_NPZ_KEYS[role])}; "
-                            f"store one array per file or name it {_NPZ_KEYS[role][0]!r}"
-                        )
-                    arr = z[hits[0]]
-        elif name.endswith(".nii") or name.endswith(".nii.gz"):
-            import nibabel as nib
+    """Load one case's stack ``(K, *S)`` from ``path``; ``role`` is ``"labels"`` or ``"preds"``.
 
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj)
-            if arr.ndim == 4:  # (X, Y, Z, K) -> (K, Z, X, Y)
-                arr = np.transpose(arr, (3, 2, 0, 1))
-            elif arr.ndim == 3:  # (X, Y, K) -> (K, X, Y)
-                arr = np.moveaxis(arr, -1, 0)
-            elif arr.ndim == 2:  # one 2D mask
-                arr = arr[None]
-            else:
-                raise ScoreInputError(
-                    f"{path}: NIfTI {role} must be (X, Y), (X, Y, K) or (X, Y, Z, K); got shape {arr.shape}"
-                )
+    The file is read by :mod:`proseg.data.io`; its ``DataError`` becomes a ``ScoreInputError``
+    ``"<file>: cannot read <role>: <what is wrong>"``.
+    """
+    path = Path(path)
+    if case_name(path) is None:
+        raise ScoreInputError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    try:
+        kind = file_kind(path)
+        if kind == "npy":
+            arr = read_npy(path)
+        elif kind == "npz":
+            arr = read_npz_array(path, prefer=_NPZ_KEYS[role])
         else:
-            raise ScoreInputError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
-    except ScoreInputError:
-        raise
-    except ValueError as err:  # e.g. a pickled object array
-        raise ScoreInputError(f"{path}: cannot read {role}: {err}") from err
-    except (OSError, EOFError) as err:
-        raise ScoreInputError(f"{path}: cannot read {role}: {err}") from err
+            arr = _nifti_stack(read_nifti(path).data, path, role)
+    except DataError as err:
+        problem = str(err).removeprefix(f"{path}: ")
+        raise ScoreInputError(f"{path}: cannot read {role}: {problem}") from err
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ScoreInputError(f"{path}: {role} must be a numeric or boolean array; got dtype {arr.dtype}")
     return arr
+
+
+def _nifti_stack(arr: np.ndarray, path: Path, role: str) -> np.ndarray:
+    """``proseg predict``'s NIfTI layout (masks on the last axis) as the stack ``(K, *S)``: module docstring."""
+    if arr.ndim == 4:  # (X, Y, Z, K) -> (K, Z, X, Y)
+        return np.transpose(arr, (3, 2, 0, 1))
+    if arr.ndim == 3:  # (X, Y, K) -> (K, X, Y)
+        return np.moveaxis(arr, -1, 0)
+    if arr.ndim == 2:  # one 2D mask
+        return arr[None]
+    raise ScoreInputError(f"{path}: NIfTI {role} must be (X, Y), (X, Y, K) or (X, Y, Z, K); got shape {arr.shape}")
 
 
 def pair_folders(labels_dir: Path, preds_dir: Path) -> list[tuple[str, Path, Path]]:

@@ -19,7 +19,7 @@ empty masks — including an empty mask and *itself* on the diagonal — are at 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -27,11 +27,11 @@ from proseg.metrics.inputs import flatten_cases
 from proseg.metrics.pairwise import Convention, check_convention, pairwise_intersections, pairwise_iou
 
 Estimator = Literal["v", "u"]
-ESTIMATORS: tuple[str, ...] = ("v", "u")
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
 def check_estimator(estimator: str) -> None:
-    """Raise ``ValueError`` unless ``estimator`` is ``"v"`` or ``"u"``."""
+    """Raise ``ValueError`` unless ``estimator`` is one of :data:`ESTIMATORS`."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 

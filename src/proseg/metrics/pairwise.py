@@ -22,12 +22,12 @@ Empty-mask conventions (``convention``):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Convention = Literal["standard", "reference"]
-CONVENTIONS: tuple[str, ...] = ("standard", "reference")
+CONVENTIONS: tuple[str, ...] = get_args(Convention)
 
 # Smoothing constants of the reference code (lib/metrics_set.py: `iou` and `compute_dice_accuracy`).
 REFERENCE_IOU_SMOOTH = 1e-8
@@ -43,15 +43,14 @@ def check_convention(convention: str) -> None:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
-def count_dtype(num_pixels: int, device: torch.device) -> torch.dtype:
-    """The float dtype in which 0/1 counting over ``num_pixels`` pixels is exact."""
-    del device  # same rule on CPU and GPU; kept in the signature for clarity at call sites
+def count_dtype(num_pixels: int) -> torch.dtype:
+    """The float dtype in which 0/1 counting over ``num_pixels`` pixels is exact (the same on CPU and GPU)."""
     return torch.float32 if num_pixels < _FLOAT32_EXACT_LIMIT else torch.float64
 
 
 def as_counting(masks: torch.Tensor) -> torch.Tensor:
     """Binary masks ``(..., P)`` (bool or 0/1 numbers) -> 0/1 floats in an exact counting dtype."""
-    dtype = count_dtype(masks.shape[-1], masks.device)
+    dtype = count_dtype(masks.shape[-1])
     if masks.dtype == torch.bool:
         return masks.to(dtype)
     return (masks != 0).to(dtype)
@@ -78,6 +77,33 @@ def pairwise_intersections(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b.transpose(-1, -2)).to(torch.float64)
 
 
+def iou_from_counts(inter: torch.Tensor, union: torch.Tensor, convention: Convention) -> torch.Tensor:
+    """IoU from intersection and union counts (float64, any shape) under ``convention``'s empty-mask rule."""
+    if convention == "reference":
+        return inter / (union + REFERENCE_IOU_SMOOTH)
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+
+
+def dice_from_counts(inter: torch.Tensor, total: torch.Tensor, convention: Convention) -> torch.Tensor:
+    """Dice from intersection counts and summed sizes ``|A| + |B|`` (float64, any shape) under ``convention``."""
+    if convention == "reference":
+        return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
+    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+
+
+def _pair_counts(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    inter: torch.Tensor | None,
+    sizes: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(|a_i ∩ b_j| (..., N, M), |a_i| (..., N, 1), |b_j| (..., 1, M))``, from what was precomputed if given."""
+    if inter is None:
+        inter = pairwise_intersections(a, b)
+    size_a, size_b = sizes if sizes is not None else (mask_sizes(a), mask_sizes(b))
+    return inter, size_a.unsqueeze(-1), size_b.unsqueeze(-2)
+
+
 def pairwise_iou(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -99,13 +125,8 @@ def pairwise_iou(
         ``(..., N, M)`` float64 in ``[0, 1]``.
     """
     check_convention(convention)
-    if inter is None:
-        inter = pairwise_intersections(a, b)
-    size_a, size_b = sizes if sizes is not None else (mask_sizes(a), mask_sizes(b))
-    union = size_a.unsqueeze(-1) + size_b.unsqueeze(-2) - inter
-    if convention == "reference":
-        return inter / (union + REFERENCE_IOU_SMOOTH)
-    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+    inter, size_a, size_b = _pair_counts(a, b, inter, sizes)
+    return iou_from_counts(inter, size_a + size_b - inter, convention)
 
 
 def pairwise_dice(
@@ -116,35 +137,7 @@ def pairwise_dice(
     inter: torch.Tensor | None = None,
     sizes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Dice of the foreground of every pair ``(a_i, b_j)``.
-
-    Args:
-        a: ``(..., N, P)`` 0/1 floats.
-        b: ``(..., M, P)`` 0/1 floats.
-        convention: empty-mask rule, see the module docstring.
-        inter: precomputed :func:`pairwise_intersections` (optional).
-        sizes: precomputed mask sizes ``((..., N), (..., M))`` float64 (optional; see :func:`mask_sizes`).
-
-    Returns:
-        ``(..., N, M)`` float64 in ``[0, 1]``.
-    """
+    """Dice of the foreground of every pair ``(a_i, b_j)``: arguments and result as :func:`pairwise_iou`."""
     check_convention(convention)
-    if inter is None:
-        inter = pairwise_intersections(a, b)
-    size_a, size_b = sizes if sizes is not None else (mask_sizes(a), mask_sizes(b))
-    total = size_a.unsqueeze(-1) + size_b.unsqueeze(-2)
-    if convention == "reference":
-        return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
-    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
-
-
-def dice(a: torch.Tensor, b: torch.Tensor, convention: Convention = "standard") -> torch.Tensor:
-    """Dice of two single masks (or two aligned batches) ``(..., P)`` -> ``(...)`` float64."""
-    check_convention(convention)
-    a = as_counting(a)
-    b = as_counting(b)
-    inter = (a * b).sum(-1).to(torch.float64)
-    total = mask_sizes(a) + mask_sizes(b)
-    if convention == "reference":
-        return (2.0 * inter + REFERENCE_DICE_SMOOTH) / (total + REFERENCE_DICE_SMOOTH)
-    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+    inter, size_a, size_b = _pair_counts(a, b, inter, sizes)
+    return dice_from_counts(inter, size_a + size_b, convention)

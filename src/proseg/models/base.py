@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+import proseg
 from proseg.errors import CheckpointError, ProsegError
 from proseg.fsutil import atomic_write_bytes
+from proseg.models.registry import create_model
 
 Batch = dict[str, Tensor]
 
@@ -110,14 +112,22 @@ class MultiRaterModel(nn.Module):
           give identical samples, and sampling in the middle of training changes nothing. Every subclass gets this
           from ``__init_subclass__``, which wraps its own definitions of the two methods; implementations need no
           ``grad`` parameter of their own.
+        * The constructor's defaults are the recommended model: ``Cls(C, R)`` builds what
+          ``create_model(name, in_channels=C, num_raters=R)`` builds (its ``default`` preset is ``{}``); the other
+          presets (``tiny``, ``reference`` ...) are keyword arguments on top of the defaults.
+
+    Capability flags ``supports_personalized`` / ``supports_diverse``: whether :meth:`sample_personalized` /
+    :meth:`sample_diverse` exist (else they raise :class:`NotSupportedError`). They are plain ``bool`` attributes: a
+    class attribute where the answer is the same for every instance, and an instance attribute of the same name,
+    assigned in ``__init__`` (and wherever the deciding state changes), where it depends on the configuration or
+    state (CM: ``diverse_from_raters``; D-Persona: its stage and ``trained_stage``, see ``DPersona.set_stage``).
+    Read them from the instance (``model.supports_personalized``).
     """
 
     model_name: str = ""
-    #: whether :meth:`sample_personalized` / :meth:`sample_diverse` are implemented (else NotSupportedError)
     supports_personalized: bool = False
     supports_diverse: bool = False
     PRESETS: dict[str, dict[str, Any]] = {"default": {}}
-    init_config: dict[str, Any]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,7 +174,11 @@ class MultiRaterModel(nn.Module):
                 caller's grad mode applies). Either way the call runs in eval mode and leaves every module flag,
                 parameter and buffer as it found them.
         """
-        raise NotSupportedError(f"{type(self).__name__} has no per-rater (personalized) output")
+        raise NotSupportedError(
+            f"{type(self).__name__} ({self.model_name}) has no per-rater (personalized) output: it models the "
+            "population of segmentations only. Use sample_diverse, or a model with rater conditioning (proseg, "
+            "pionono, dpersona after stage 2, cm_global, cm_pixel)."
+        )
 
     def sample_diverse(
         self,
@@ -186,7 +200,34 @@ class MultiRaterModel(nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr,
                  "weight_decay": weight_decay}]
 
+    # --- configuration ---------------------------------------------------------------------------------
+    @property
+    def init_config(self) -> dict[str, Any]:
+        """The ``create_model`` arguments that rebuild this model (``create_model(**model.init_config)``; saved in
+        ``model.json``): what :func:`~proseg.models.create_model` recorded when it built the model, updated by
+        :meth:`config_updates`. A fresh dict on every read. AttributeError for a model built without
+        ``create_model`` (there is no record of its arguments)."""
+        built = self.__dict__.get("_built_config")
+        if built is None:
+            raise AttributeError(f"{type(self).__name__} has no init_config: build it with create_model")
+        return {**built, **self.config_updates()}
+
+    @init_config.setter
+    def init_config(self, config: dict[str, Any]) -> None:
+        self.__dict__["_built_config"] = dict(config)
+
+    def config_updates(self) -> dict[str, Any]:
+        """Constructor options whose value the model itself changes after it is built (D-Persona's ``stage``, see
+        ``set_stage``); :attr:`init_config` records their current values. ``{}`` for most models."""
+        return {}
+
     # --- helpers for subclasses ----------------------------------------------------------------------
+    def _check_sampling(self, images: Tensor, num_samples: int) -> None:
+        """The argument checks of the sampling calls: :meth:`_check_images` and ``num_samples >= 1``."""
+        self._check_images(images)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
     def _check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
             raise ValueError(
@@ -229,8 +270,6 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], extra: dict[
     (e.g. the proseg version, the training step). Returns the directory.
     """
     from safetensors.torch import save as st_save
-
-    import proseg
 
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -300,8 +339,6 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
             is truncated, garbled or holds NaN/Inf; or the weights do not fit the architecture. The message names the
             file (and the tensors).
     """
-    from proseg.models.registry import create_model
-
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -34,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from proseg.losses import weighted_mean
+from proseg.models._utils import check_rater_sampling, training_pairs
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel, NotSupportedError
-from proseg.models.pionono import select_raters
 from proseg.models.registry import register_model
 
 NUM_CLASSES = 2
@@ -80,8 +81,7 @@ def confusion_nll(log_p_rater: Tensor, masks: Tensor, weight: Tensor) -> Tensor:
     y = masks.to(log_p_rater.dtype)
     per_pixel = -(y * log_p_rater[:, :, 1] + (1.0 - y) * log_p_rater[:, :, 0])
     per_pair = per_pixel.flatten(2).mean(-1)
-    w = weight.to(per_pair.dtype)
-    return (per_pair * w).sum() / w.sum().clamp(min=1e-12)
+    return weighted_mean(per_pair, weight.to(per_pair.dtype))
 
 
 def confusion_trace(cm: Tensor, weight: Tensor) -> Tensor:
@@ -95,8 +95,7 @@ def confusion_trace(cm: Tensor, weight: Tensor) -> Tensor:
     """
     tr = torch.diagonal(cm, dim1=-2, dim2=-1).sum(-1) if cm.ndim == 3 else (cm[:, :, 0, 0] + cm[:, :, 1, 1])
     tr = tr[None].expand(weight.shape) if tr.ndim == 1 else tr.flatten(2).mean(-1)
-    w = weight.to(tr.dtype)
-    return (tr * w).sum() / w.sum().clamp(min=1e-12)
+    return weighted_mean(tr, weight.to(tr.dtype))
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -160,7 +159,11 @@ class PixelCMHead(nn.Module):
 
 
 class _ConfusionMatrixModel(MultiRaterModel):
-    """Shared code of CM-Global and CM-Pixel (see the module docstring for the maths and conventions)."""
+    """Shared code of CM-Global and CM-Pixel (see the module docstring for the maths and conventions). The options
+    and their defaults are the registered classes' (:class:`CMGlobal`, :class:`CMPixel`).
+
+    ``supports_diverse`` is an instance attribute: ``diverse_from_raters``.
+    """
 
     supports_personalized = True
     supports_diverse = True
@@ -170,19 +173,18 @@ class _ConfusionMatrixModel(MultiRaterModel):
         self,
         in_channels: int,
         num_raters: int,
-        backbone: str = "unet",
-        backbone_cfg: dict[str, Any] | None = None,
-        trace_weight: float = 0.01,
-        cm_init_diag: float = 0.9,
-        cm_lr: float | None = 0.01,
-        seg_head_kernel: int = 1,
-        diverse_from_raters: bool = True,
-        rater_sampling: str = "all",
+        *,
+        backbone: str,
+        backbone_cfg: dict[str, Any] | None,
+        trace_weight: float,
+        cm_init_diag: float,
+        cm_lr: float | None,
+        seg_head_kernel: int,
+        diverse_from_raters: bool,
+        rater_sampling: str,
     ) -> None:
         super().__init__(in_channels, num_raters)
-        if rater_sampling not in ("all", "one"):
-            raise ValueError(f"rater_sampling must be 'all' or 'one', got {rater_sampling!r}")
-        self.rater_sampling = rater_sampling
+        self.rater_sampling = check_rater_sampling(rater_sampling)
         if seg_head_kernel < 1 or seg_head_kernel % 2 == 0:
             raise ValueError(f"seg_head_kernel must be a positive odd number, got {seg_head_kernel}")
         _diag_logit(cm_init_diag)
@@ -239,7 +241,7 @@ class _ConfusionMatrixModel(MultiRaterModel):
         (``"one"``, the reference training scripts)."""
         image, masks, present = self._check_batch(batch)
         log_p_true, log_cm = self._forward(image)
-        raters, pair_weight = select_raters(present, self.rater_sampling, generator)
+        raters, pair_weight, _ = training_pairs(masks, present, self.rater_sampling, generator, pick="multinomial")
         weight = torch.zeros(present.shape, dtype=log_p_true.dtype, device=present.device)
         weight = weight.scatter(1, raters, pair_weight.to(weight.dtype))  # (B, R): 0 = not used this step
         nll = confusion_nll(rater_log_probs(log_p_true, log_cm), masks, weight)
@@ -256,8 +258,7 @@ class _ConfusionMatrixModel(MultiRaterModel):
     ) -> Tensor:
         """``(B, R, K, H, W)``: the foreground probability of ``A_r p_hat`` for every rater, repeated K times.
         The model is deterministic, so the K draws are identical (``generator``/``share_latent`` have no effect)."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self._check_sampling(images, num_samples)
         probs = self.rater_probabilities(images)
         return probs.unsqueeze(2).expand(-1, -1, num_samples, -1, -1).contiguous()
 
@@ -275,8 +276,7 @@ class _ConfusionMatrixModel(MultiRaterModel):
                 f"{type(self).__name__} is deterministic and has no diverse (population) output; build it with "
                 "diverse_from_raters=True to use the R rater predictions, cycled to K, as the diverse set"
             )
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self._check_sampling(images, num_samples)
         probs = self.rater_probabilities(images)
         index = torch.arange(num_samples, device=probs.device) % self.num_raters
         return probs.index_select(1, index)
@@ -311,7 +311,7 @@ class CMGlobal(_ConfusionMatrixModel):
 
     level = "global"
     PRESETS: dict[str, dict[str, Any]] = {
-        "default": {"backbone": "unet", "trace_weight": 0.01, "cm_init_diag": 0.9, "cm_lr": 0.01},
+        "default": {},  # the constructor's defaults
         "reference": {"backbone": "resnet34_unet", "trace_weight": 0.01, "cm_init_diag": REFERENCE_INIT_DIAG,
                       "cm_lr": 0.01, "seg_head_kernel": 3, "rater_sampling": "one"},
         "tiny": {"backbone": "unet", "backbone_cfg": {"widths": (8, 16)}, "trace_weight": 0.01,
@@ -360,8 +360,7 @@ class CMPixel(_ConfusionMatrixModel):
 
     level = "pixel"
     PRESETS: dict[str, dict[str, Any]] = {
-        "default": {"backbone": "unet", "trace_weight": 0.01, "cm_init_diag": 0.9, "cm_lr": None,
-                    "cm_head_convs": 4, "cm_head_norm": "instance"},
+        "default": {},  # the constructor's defaults
         "reference": {"backbone": "resnet34_unet", "trace_weight": 0.01, "cm_init_diag": 0.9, "cm_lr": 0.01,
                       "cm_head_convs": 4, "cm_head_norm": "instance", "seg_head_kernel": 3,
                       "rater_sampling": "one"},

@@ -26,11 +26,13 @@ query, so the average is over a set of one). Loss: the per-rater foreground Dice
 
 Hand-over: ``model = load_model(stage1_dir); model.set_stage(2)`` (or ``create_model(..., stage=2)`` and a
 strict ``load_state_dict`` of the stage-1 weights: the two stages have the same parameters and buffers).
-``set_stage`` records the stage in ``init_config`` so that ``save_model`` / ``load_model`` round-trip it.
-The buffer ``trained_stage`` records the highest stage whose loss has run in training mode (saved with the
-weights, so a stage-1 checkpoint loaded into a stage-2 model keeps ``stage=2`` from the config). Personalized
-sampling needs stage 2 or ``trained_stage >= 2`` (``supports_personalized`` says which) and raises
-:class:`NotSupportedError` otherwise: a stage-1 model has untrained projection heads.
+The stage is a constructor option and the attribute ``stage``; ``init_config`` always reports its current value
+(``config_updates``), so ``save_model`` / ``load_model`` round-trip a ``set_stage``. The buffer ``trained_stage``
+records the highest stage whose loss has run in training mode (saved with the weights, so a stage-1 checkpoint
+loaded into a stage-2 model keeps ``stage=2`` from the config). Personalized sampling needs stage 2 or
+``trained_stage >= 2`` and raises :class:`NotSupportedError` otherwise (a stage-1 model has untrained projection
+heads); the instance attribute ``supports_personalized`` says which, kept up to date by ``set_stage`` and by
+loading weights (a training-mode loss raises ``trained_stage`` only to the current stage, which cannot change it).
 
 Sampling
     * diverse: stage-1 prior samples (as the Prob. U-Net), available at any stage.
@@ -45,11 +47,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from proseg.losses import gaussian_kl, segmentation_loss
-from proseg.models._gaussian_nets import mask_channel_dice_loss, randn, reparameterize
+from proseg.losses import gaussian_kl, get_loss, mask_channel_dice_loss, segmentation_loss, weighted_mean
+from proseg.models._gaussian_nets import reparameterize
+from proseg.models._utils import noise
+from proseg.models.backbones.unet import down_path
 from proseg.models.base import Batch, NotSupportedError
 from proseg.models.prob_unet import ProbUNet
 from proseg.models.registry import register_model
@@ -108,20 +111,8 @@ class ProjectionHeads(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         b = features.shape[0]
-        x = features.repeat(1, self.num_raters, 1, 1)  # group r sees all the features
-        for i, block in enumerate(self.blocks):
-            if i > 0:
-                x = F.avg_pool2d(x, 2, ceil_mode=True)
-            x = block(x)
+        x = down_path(self.blocks, features.repeat(1, self.num_raters, 1, 1))[-1]  # group r sees all the features
         return x.mean(dim=(2, 3)).reshape(b, self.num_raters, self.num_queries, self.latent_dim)
-
-
-class _PersonalizedFlag:
-    """``supports_personalized``: False on the class (a fresh model is at stage 1); on an instance True when it
-    is in stage 2 or its stage-2 heads have been trained (:meth:`DPersona.has_personalized`)."""
-
-    def __get__(self, obj: DPersona | None, objtype: type | None = None) -> bool:
-        return False if obj is None else obj.has_personalized()
 
 
 @register_model("dpersona")
@@ -137,20 +128,17 @@ class DPersona(ProbUNet):
         proj_widths: hidden widths of each projection head ((32, 16)); num_queries: latents per head (1).
         z_set_size: prior samples projected in stage-2 training (100); z_set_size_eval: at sampling (500).
         stage2_loss: ``channel_dice`` (the reference) or a :func:`segmentation_loss` kind.
+
+    ``supports_personalized`` is an instance attribute (the class's False is a fresh stage-1 model's answer): True in
+    stage 2 or once stage-2 heads have been trained (``trained_stage >= 2``).
     """
 
-    supports_personalized = _PersonalizedFlag()  # type: ignore[assignment]
     supports_diverse = True
 
     PRESETS: dict[str, dict[str, Any]] = {
-        # The paper's hyper-parameters (latent 6, beta 0.5, 10 prior samples, GDL + KL, 100/500 z's in stage 2)
-        # on the plain U-Net of the Prob. U-Net paper.
-        "default": {
-            "backbone": "unet",
-            "backbone_cfg": {"widths": (32, 64, 128, 192)},
-            "latent_dim": 6,
-            "prior_widths": (32, 64, 128, 192),
-        },
+        # The constructor's defaults: the paper's hyper-parameters (latent 6, beta 0.5, 10 prior samples, GDL + KL,
+        # 100/500 z's in stage 2) on the plain U-Net (32, 64, 128, 192) of the Prob. U-Net paper.
+        "default": {},
         # The D-Persona repo: smp ResNet-34 U-Net (16 feature channels), prior/posterior filters
         # (16, 32, 64, 128, 256), fcomb width 16.
         "reference": {
@@ -202,7 +190,7 @@ class DPersona(ProbUNet):
         if posterior_input not in ("all", "target"):
             raise ValueError(f"posterior_input must be 'all' or 'target', got {posterior_input!r}")
         if stage2_loss != "channel_dice":
-            segmentation_loss(stage2_loss, torch.zeros(1, 1), torch.zeros(1, 1))  # fail early on an unknown kind
+            get_loss(stage2_loss, key="stage2_loss")  # an unknown name fails here, not at the first step
         for name, value in (("prior_sample_num", prior_sample_num), ("num_queries", num_queries),
                             ("z_set_size", z_set_size), ("z_set_size_eval", z_set_size_eval)):
             if value < 1:
@@ -222,16 +210,24 @@ class DPersona(ProbUNet):
         self.proj_heads = ProjectionHeads(int(self.backbone.out_channels), num_raters, latent_dim, proj_widths,
                                           num_queries)
         self.register_buffer("trained_stage", torch.zeros((), dtype=torch.long))
-        self.stage = 1
-        self.set_stage(stage)
+        self.register_load_state_dict_post_hook(DPersona._after_load)
+        self.set_stage(stage)  # sets self.stage and supports_personalized
 
     def _posterior_mask_channels(self) -> int:
         return self.num_raters if self.posterior_input == "all" else 1
 
-    def has_personalized(self) -> bool:
-        """Whether personalized sampling is meaningful: the model is in stage 2 (its heads are what is being
-        trained and validated) or a stage-2 loss has run in training mode (``trained_stage >= 2``)."""
-        return self.stage == 2 or int(self.trained_stage) >= 2
+    def config_updates(self) -> dict[str, Any]:
+        return {"stage": self.stage}
+
+    def _update_flags(self) -> None:
+        """``supports_personalized``: in stage 2 (its heads are what is being trained and validated) or once a
+        stage-2 loss has run in training mode (``trained_stage >= 2``)."""
+        self.supports_personalized = self.stage == 2 or int(self.trained_stage) >= 2
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        assert isinstance(module, DPersona)
+        module._update_flags()  # the loaded trained_stage may differ
 
     # --- stages --------------------------------------------------------------------------------------
     def _stage1_modules(self) -> list[nn.Module]:
@@ -246,14 +242,12 @@ class DPersona(ProbUNet):
         for m in self._stage1_modules():
             m.requires_grad_(stage == 1)
         self.proj_heads.requires_grad_(stage == 2)
-        cfg = getattr(self, "init_config", None)
-        if isinstance(cfg, dict):
-            cfg["stage"] = self.stage
+        self._update_flags()
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> DPersona:
         super().train(mode)
-        if getattr(self, "stage", 1) == 2:  # frozen means frozen: no BatchNorm statistics updates either
+        if self.stage == 2:  # frozen means frozen: no BatchNorm statistics updates either
             for m in self._stage1_modules():
                 m.train(False)
         return self
@@ -276,13 +270,6 @@ class DPersona(ProbUNet):
         logits = self.fcomb(feats, z_rater.reshape(b, r * k * q, self.latent_dim))
         return logits.reshape(b, r, k, q, *logits.shape[-2:]).mean(dim=3)  # z_mapping: mean over the set
 
-    def _prior_sets(self, images: Tensor, num_sets: int, set_size: int, generator: torch.Generator | None,
-                    share_latent: bool) -> tuple[Tensor, Tensor]:
-        feats = self.backbone(images)
-        mu, logvar = self.prior(images)
-        eps = randn((1 if share_latent else images.shape[0], num_sets, set_size, self.latent_dim), generator, mu)
-        return feats, reparameterize(mu[:, None, None], logvar[:, None, None], eps)
-
     # --- the API -------------------------------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Stage 1: ``{"loss", "seg", "kl", "bound", "reg"}``; stage 2: ``{"loss", "seg"}``."""
@@ -293,20 +280,20 @@ class DPersona(ProbUNet):
 
     def _loss_stage1(self, batch: Batch, generator: torch.Generator | None) -> dict[str, Tensor]:
         image, masks, present = self._check_batch(batch)
-        b, _, h, w = masks.shape
+        b = masks.shape[0]
         feats = self.backbone(image)
         mu_p, logvar_p = self.prior(image)
         target, weight = self._targets(masks, present, generator)  # one random present rater: (B,1,H,W), (B,1)
         mu_q, logvar_q = self._posterior_stats(image, masks, present, target)
-        z_post = reparameterize(mu_q, logvar_q, randn(mu_q.shape, generator, mu_q))
-        eps = randn((b, self.prior_sample_num, self.latent_dim), generator, mu_p)
+        z_post = reparameterize(mu_q, logvar_q, noise("normal", mu_q.shape, generator, mu_q))
+        eps = noise("normal", (b, self.prior_sample_num, self.latent_dim), generator, mu_p)
         z_prior = reparameterize(mu_p[:, None], logvar_p[:, None], eps)
         logits = self.fcomb(feats, torch.cat([z_post[:, None], z_prior], dim=1))  # (B, 1 + N, H, W)
         wf = weight.reshape(-1).to(logits.dtype)
         seg = self._seg_term(logits[:, 0], target[:, 0], wf)
         bound = bound_loss(torch.sigmoid(logits[:, 1:].float()), masks, present)
         kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p).sum(-1)
-        kl = (kl * wf).sum() / wf.sum().clamp(min=1.0)
+        kl = weighted_mean(kl, wf)
         reg = self._reg_term(kl)
         total = seg + self.kl_weight * kl + self.bound_weight * bound + reg
         return {"loss": total, "seg": seg.detach(), "kl": kl.detach(), "bound": bound.detach(), "reg": reg.detach()}
@@ -315,7 +302,7 @@ class DPersona(ProbUNet):
         image, masks, present = self._check_batch(batch)
         b, r, h, w = masks.shape
         with torch.no_grad():  # stage-1 parts are frozen: no graph through them
-            feats, z_set = self._prior_sets(image, 1, self.z_set_size, generator, share_latent=False)
+            feats, z_set = self._prior_samples(image, (1, self.z_set_size), generator, share_latent=False)
         logits = self._project(feats, z_set)[:, :, 0]  # (B, R, H, W)
         if self.stage2_loss == "channel_dice":
             seg = mask_channel_dice_loss(torch.sigmoid(logits.float()), masks, present)
@@ -332,14 +319,13 @@ class DPersona(ProbUNet):
         share_latent: bool = False,
     ) -> Tensor:
         """``(B, R, K, H, W)``: for each of K independent prior sets, every rater's projected prediction."""
-        self._check_images(images)
-        self._check_num_samples(num_samples)
-        if not self.has_personalized():
+        self._check_sampling(images, num_samples)
+        if not self.supports_personalized:
             raise NotSupportedError(
                 "D-Persona's personalized output comes from its stage-2 projection heads, which have not been "
                 f"trained (stage={self.stage}, trained_stage={int(self.trained_stage)}): train stage 1, then "
                 "model.set_stage(2) (or model args stage: 2 with init_from the stage-1 run) and train stage 2; "
                 "sample_diverse works at any stage."
             )
-        feats, z_set = self._prior_sets(images, num_samples, self.z_set_size_eval, generator, share_latent)
+        feats, z_set = self._prior_samples(images, (num_samples, self.z_set_size_eval), generator, share_latent)
         return torch.sigmoid(self._project(feats, z_set)).to(images.dtype)

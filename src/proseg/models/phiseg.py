@@ -52,10 +52,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from proseg.losses import gaussian_kl, segmentation_loss
-from proseg.models._gaussian_nets import randn, training_pairs
-from proseg.models.backbones.unet import conv_block
-from proseg.models.base import Batch, MultiRaterModel, NotSupportedError
+from proseg.losses import gaussian_kl, get_loss, segmentation_loss, weighted_mean
+from proseg.models._utils import check_rater_sampling, noise, training_pairs
+from proseg.models.backbones.unet import conv_block, down_path
+from proseg.models.base import Batch, MultiRaterModel
 from proseg.models.registry import register_model
 
 _SIGMA_EPS = 1e-10  # the reference's log(sigma^2 + 1e-10)
@@ -93,13 +93,7 @@ class LatentHierarchy(nn.Module):
         self.sigma = nn.ModuleList(nn.Conv2d(widths[i], zdim, 1) for i in range(n))
 
     def encode(self, x: Tensor) -> list[Tensor]:
-        feats = []
-        for i, block in enumerate(self.pre):
-            if i > 0:
-                x = F.avg_pool2d(x, 2, ceil_mode=True)
-            x = block(x)
-            feats.append(x)
-        return feats
+        return down_path(self.pre, x)
 
     @staticmethod
     def _logvar(sigma_pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,8 +166,9 @@ class Likelihood(nn.Module):
         return [F.interpolate(self.out[i](post_c[i]), size=size, mode="nearest")[:, 0] for i in range(n)]
 
 
-# phiseg_7_5: 7 resolution levels (n0 = 32: 32, 64, 128, 192, 192, 192, 192), 5 latent levels, zdim 2, BatchNorm,
-# 3 convs a level, exponential KL weighting, residual multinoulli loss, one random rater per image.
+# phiseg_7_5 (the constructor's defaults): 7 resolution levels (n0 = 32: 32, 64, 128, 192, 192, 192, 192), 5 latent
+# levels, zdim 2, BatchNorm, 3 convs a level, exponential KL weighting, residual multinoulli loss, one random rater
+# per image.
 _PHISEG_7_5: dict[str, Any] = {
     "backbone_cfg": {"widths": (32, 64, 128, 192, 192, 192, 192), "norm": True},
     "latent_levels": 5,
@@ -206,8 +201,8 @@ class PHiSeg(MultiRaterModel):
     supports_diverse = True
 
     PRESETS: dict[str, dict[str, Any]] = {
-        "default": _PHISEG_7_5,
-        "reference": dict(_PHISEG_7_5),  # the official code's configuration is the paper's
+        "default": {},
+        "reference": _PHISEG_7_5,  # the official code's configuration is the paper's (spelled out: pinned)
         "tiny": {
             "backbone_cfg": {"widths": (8, 16), "norm": True},
             "latent_levels": 2,
@@ -251,11 +246,10 @@ class PHiSeg(MultiRaterModel):
             raise ValueError(f"latent_levels must be in [1, len(widths)={len(widths)}], got {latent_levels}")
         if zdim < 1:
             raise ValueError(f"zdim must be >= 1, got {zdim}")
-        if rater_sampling not in ("one", "all"):
-            raise ValueError(f"rater_sampling must be 'one' or 'all', got {rater_sampling!r}")
-        segmentation_loss(seg_loss, torch.zeros(1, 1), torch.zeros(1, 1))  # fail early on an unknown kind
+        get_loss(seg_loss)  # an unknown name fails here, not at the first step
         self.widths, self.latent_levels, self.zdim = widths, latent_levels, zdim
-        self.rater_sampling, self.seg_loss, self.sum_over_pixels = rater_sampling, seg_loss, sum_over_pixels
+        self.rater_sampling, self.seg_loss = check_rater_sampling(rater_sampling), seg_loss
+        self.sum_over_pixels = sum_over_pixels
         self.deep_supervision, self.exponential_weighting = deep_supervision, exponential_weighting
         self.kl_weight, self.rec_weight = float(kl_weight), float(rec_weight)
         self.prior = LatentHierarchy(in_channels, widths, latent_levels, zdim, convs_per_level, ups_width, norm)
@@ -288,7 +282,7 @@ class PHiSeg(MultiRaterModel):
         image, masks, present = self._check_batch(batch)
         self._check_size(image)
         b, _, h, w = masks.shape
-        target, weight = training_pairs(masks, present, self.rater_sampling, generator)  # (B,K,H,W), (B,K)
+        _, weight, target = training_pairs(masks, present, self.rater_sampling, generator, pick="argmax")
         k = target.shape[1]
         s = b * k
         post_in = torch.cat(
@@ -298,7 +292,7 @@ class PHiSeg(MultiRaterModel):
         eps = []
         d = len(self.widths) - self.latent_levels
         for i in reversed(range(self.latent_levels)):
-            eps.append(randn((s, self.zdim, *post_pyr[i + d].shape[-2:]), generator, post_pyr[0]))
+            eps.append(noise("normal", (s, self.zdim, *post_pyr[i + d].shape[-2:]), generator, post_pyr[0]))
         eps.reverse()
         z_q, mu_q, logvar_q = self.posterior(post_pyr, 1, eps=eps)
         z_list = [t for t in z_q if t is not None]
@@ -306,14 +300,13 @@ class PHiSeg(MultiRaterModel):
         sizes = [f.shape[-2:] for f in post_pyr]
         s_acc = self._accumulate(self.likelihood(z_list, sizes))
         wf = weight.reshape(-1).to(s_acc[0].dtype)
-        wsum = wf.sum().clamp(min=1.0)
         out: dict[str, Tensor] = {}
         seg_total = s_acc[0].new_zeros(())
         kl_total = s_acc[0].new_zeros(())
         tgt = target.reshape(s, h, w)
         for i, lw in enumerate(self.level_weights()):
             kl_i = gaussian_kl(mu_q[i], logvar_q[i], mu_p[i], logvar_p[i]).flatten(1).sum(1)
-            kl_i = lw * (kl_i * wf).sum() / wsum
+            kl_i = lw * weighted_mean(kl_i, wf)  # lw = 4**l or 1: an exact scaling
             kl_total = kl_total + kl_i
             out[f"kl_l{i}"] = kl_i.detach()
             if i == 0 or self.deep_supervision:
@@ -333,31 +326,16 @@ class PHiSeg(MultiRaterModel):
         share_latent: bool = False,
     ) -> Tensor:
         """``(B, K, H, W)`` foreground probabilities from z drawn top-down from the prior hierarchy."""
-        self._check_images(images)
+        self._check_sampling(images, num_samples)
         self._check_size(images)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         b, k = images.shape[0], num_samples
         pyr = self.prior.encode(images)
         d = len(self.widths) - self.latent_levels
         eps: list[Tensor] = [pyr[0]] * self.latent_levels
         for i in reversed(range(self.latent_levels)):
-            e = randn((1 if share_latent else b, k, self.zdim, *pyr[i + d].shape[-2:]), generator, pyr[0])
+            e = noise("normal", (1 if share_latent else b, k, self.zdim, *pyr[i + d].shape[-2:]), generator, pyr[0])
             eps[i] = e.expand(b, *e.shape[1:]).reshape(b * k, *e.shape[2:])
         z, _, _ = self.prior(pyr, k, eps=eps)
         levels = self.likelihood([t for t in z if t is not None], [f.shape[-2:] for f in pyr])
         logits = self._accumulate(levels)[0]
         return torch.sigmoid(logits.reshape(b, k, *logits.shape[-2:])).to(images.dtype)
-
-    def sample_personalized(
-        self,
-        images: Tensor,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        share_latent: bool = False,
-    ) -> Tensor:
-        raise NotSupportedError(
-            "PHiSeg (phiseg) models the population of segmentations only; it has no per-rater (personalized) "
-            "output. Use sample_diverse, or a model with rater conditioning (proseg, pionono, dpersona after "
-            "stage 2, cm_global, cm_pixel)."
-        )

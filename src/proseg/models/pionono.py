@@ -7,15 +7,15 @@ Model
       ``L_r L_r^T`` is always positive-definite. The original code keeps ``scale_tril`` as an unconstrained
       parameter, which breaks ``MultivariateNormal`` as soon as a diagonal entry crosses zero.
     * Prior ``p(z) = N(0, sigma_p^2 I)`` (the original's ``z_prior_sigma``; it is used as the std, so the prior
-      covariance is ``sigma_p^2 I``), KL in closed form (:func:`full_gaussian_kl_isotropic`).
+      covariance is ``sigma_p^2 I``), KL in closed form (:func:`proseg.losses.full_gaussian_kl_isotropic`).
     * Head: ``z`` tiled over ``H x W``, concatenated with the features, ``head_layers`` 1x1 convolutions (ReLU
       between them) to one foreground logit. Because the convolutions are 1x1, the ``z`` part of the first
       convolution is a per-(image, sample) bias: the features go through the first convolution once and each
       latent only adds ``W_z z``; nothing is tiled.
 
 Training (``loss``)
-    Every present rater of every image (``rater_sampling="all"``) or one present rater per image drawn uniformly
-    (``"one"``, as the reference training scripts), ``mc_samples`` latents each (``z = mu_r + L_r eps``, eps from
+    One present rater per image drawn uniformly (``rater_sampling="one"``, as the reference training scripts) or
+    every present rater of every image (``"all"``), ``mc_samples`` latents each (``z = mu_r + L_r eps``, eps from
     the generator). ``mc_reduction="loss"`` (default) averages the segmentation loss over the samples, the Monte-Carlo
     estimate of the ELBO's expected log-likelihood; ``"logits"`` averages the *logits* over the samples and takes
     the loss of the mean, as the reference code does (``mc_sampling(use_softmax=False)``).
@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from proseg.losses import segmentation_loss
+from proseg.losses import full_gaussian_kl_isotropic, get_loss, segmentation_loss, weighted_mean
+from proseg.models._utils import check_rater_sampling, l2_norm_sum, noise, training_pairs
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel
 from proseg.models.registry import register_model
@@ -49,64 +50,8 @@ _DIAG_FLOOR = 1e-5
 
 
 def _softplus_inverse(y: float) -> float:
-    if y <= 0:
-        raise ValueError(f"softplus inverse needs a positive value, got {y}")
+    """``x`` with ``softplus(x) = y`` for ``y > 0``."""
     return y + math.log(-math.expm1(-y))
-
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Standard normal noise with ``like``'s device/dtype, drawn from ``generator`` (on its own device)."""
-    if generator is None:
-        return torch.randn(shape, device=like.device, dtype=like.dtype)
-    eps = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
-    return eps.to(like.device)
-
-
-def select_raters(
-    present: Tensor, mode: str, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """Which (image, rater) pairs a training step uses.
-
-    Args:
-        present: ``(B, R)`` bool. mode: ``"all"`` (every present rater) or ``"one"`` (per image one present rater
-            drawn uniformly, from ``generator``, as the reference training scripts do).
-
-    Returns:
-        ``raters (B, N)`` long and ``weight (B, N)`` float (0 = absent / image without any rater); N = R for
-        ``"all"`` (``raters[b] = 0..R-1``), 1 for ``"one"``.
-    """
-    b, r = present.shape
-    if mode == "all":
-        return torch.arange(r, device=present.device).expand(b, r), present.float()
-    if mode != "one":
-        raise ValueError(f"rater_sampling must be 'all' or 'one', got {mode!r}")
-    valid = present.any(1)
-    probs = torch.where(valid[:, None], present.float(), torch.ones_like(present, dtype=torch.float))
-    if generator is None:
-        idx = torch.multinomial(probs, 1)
-    else:
-        idx = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(present.device)
-    return idx, valid.float()[:, None]
-
-
-def full_gaussian_kl_isotropic(mu: Tensor, scale_tril: Tensor, prior_std: float) -> Tensor:
-    """KL( N(mu, L L^T) || N(0, prior_std^2 I) ) in closed form.
-
-    Args:
-        mu: ``(..., D)`` means; scale_tril: ``(..., D, D)`` lower-triangular ``L`` with a positive diagonal.
-        prior_std: the prior's standard deviation ``s`` (> 0).
-
-    Returns:
-        ``(...)``: ``0.5 * (||L||_F^2 / s^2 + ||mu||^2 / s^2 - D + D log s^2 - 2 sum_i log L_ii)``.
-    """
-    if prior_std <= 0:
-        raise ValueError(f"prior_std must be > 0, got {prior_std}")
-    d = mu.shape[-1]
-    var_p = prior_std**2
-    trace_term = scale_tril.pow(2).sum((-2, -1)) / var_p
-    mahalanobis = mu.pow(2).sum(-1) / var_p
-    logdet_q = 2.0 * torch.diagonal(scale_tril, dim1=-2, dim2=-1).log().sum(-1)
-    return 0.5 * (trace_term + mahalanobis - d + d * math.log(var_p) - logdet_q)
 
 
 class RaterLatent(nn.Module):
@@ -202,8 +147,8 @@ class Pionono(MultiRaterModel):
         mc_samples: latents per (image, rater) in training (reference 5).
         mc_reduction: ``"loss"`` (average the loss over samples) or ``"logits"`` (the reference: loss of the
             sample-averaged logits).
-        rater_sampling: ``"all"`` (every present rater of every image each step) or ``"one"`` (one present rater
-            per image, uniformly, as the reference training scripts: 1/R of the head cost).
+        rater_sampling: ``"one"`` (one present rater per image, uniformly, as the reference training scripts: 1/R
+            of the head cost) or ``"all"`` (every present rater of every image each step).
         seg_loss: ``"gdl"`` (pooled generalized Dice, the reference), ``"gdl_per_sample"``, ``"bce"``,
             ``"gdl+bce"``.
         latent_lr: learning rate of the latent table in :meth:`param_groups` (reference 0.02); None = model lr.
@@ -213,11 +158,9 @@ class Pionono(MultiRaterModel):
     supports_diverse = True
 
     PRESETS: dict[str, dict[str, Any]] = {
-        # The paper/official-code hyper-parameters on our plain U-Net backbone; one annotator per image per step as
-        # the official data loader (``"all"`` costs R times the head memory).
-        "default": {"backbone": "unet", "latent_dim": 8, "head_layers": 3, "prior_std": 2.0,
-                    "posterior_init_std": 8.0, "kl_weight": 5e-4, "reg_weight": 1e-5, "mc_samples": 5,
-                    "mc_reduction": "loss", "seg_loss": "gdl", "latent_lr": 0.02, "rater_sampling": "one"},
+        # The constructor's defaults: the paper/official-code hyper-parameters on our plain U-Net backbone; one
+        # annotator per image per step as the official data loader (``"all"`` costs R times the head memory).
+        "default": {},
         # As configured in the ProSeg/D-Persona code bases (lib/initialize_model.py, initialize_optimization.py).
         "reference": {"backbone": "resnet34_unet", "latent_dim": 8, "head_layers": 3, "prior_std": 2.0,
                       "posterior_init_std": 8.0, "kl_weight": 5e-4, "reg_weight": 1e-5, "mc_samples": 5,
@@ -246,17 +189,15 @@ class Pionono(MultiRaterModel):
         mc_reduction: str = "loss",
         seg_loss: str = "gdl",
         latent_lr: float | None = 0.02,
-        rater_sampling: str = "all",
+        rater_sampling: str = "one",
     ) -> None:
         super().__init__(in_channels, num_raters)
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         if mc_reduction not in ("loss", "logits"):
             raise ValueError(f"mc_reduction must be 'loss' or 'logits', got {mc_reduction!r}")
-        if seg_loss not in ("gdl", "gdl_per_sample", "bce", "gdl+bce"):
-            raise ValueError(f"unknown seg_loss {seg_loss!r}; use gdl, gdl_per_sample, bce or gdl+bce")
-        if rater_sampling not in ("all", "one"):
-            raise ValueError(f"rater_sampling must be 'all' or 'one', got {rater_sampling!r}")
+        get_loss(seg_loss)  # an unknown name fails here, not at the first step
+        self.rater_sampling = check_rater_sampling(rater_sampling)
         self.backbone = create_backbone(backbone, in_channels, **(backbone_cfg or {}))
         feat = int(self.backbone.out_channels)
         self.latent = RaterLatent(num_raters, latent_dim, prior_std, posterior_init_std)
@@ -269,7 +210,6 @@ class Pionono(MultiRaterModel):
         self.mc_reduction = mc_reduction
         self.seg_loss = seg_loss
         self.latent_lr = latent_lr
-        self.rater_sampling = rater_sampling
 
     # --- pieces ---------------------------------------------------------------------------------------
     def kl_per_rater(self) -> Tensor:
@@ -277,7 +217,10 @@ class Pionono(MultiRaterModel):
         return full_gaussian_kl_isotropic(self.latent.mu, self.latent.scale_tril(), self.prior_std)
 
     def head_l2(self) -> Tensor:
-        return torch.stack([p.norm(2) for p in self.head.regularised_parameters()]).sum()
+        """Sum of the L2 norms of the head's convolutions but the last (the reference's ``head.layers``)."""
+        total = l2_norm_sum(self.head.regularised_parameters())
+        assert total is not None  # the head has at least its first convolution
+        return total
 
     def _logits_for(self, features: Tensor, raters: Tensor, eps: Tensor) -> Tensor:
         """Logits ``(B, N, K, H, W)`` for latents ``mu_r + L_r eps``: raters ``(B or 1, N)``, eps
@@ -293,13 +236,12 @@ class Pionono(MultiRaterModel):
         MC samples, ``kl`` the mean KL of the used pairs' raters, ``reg`` the head's L2 term (unweighted).
         Randomness (latents, the ``"one"`` rater choice) from ``generator``, else the global RNG."""
         image, masks, present = self._check_batch(batch)
-        raters, weight = select_raters(present, self.rater_sampling, generator)  # (B, N)
-        b, n = raters.shape
+        raters, weight, target = training_pairs(masks, present, self.rater_sampling, generator, pick="multinomial")
+        b, n = raters.shape  # target (B, N, H, W)
         s = self.mc_samples
         features = self.backbone(image)
-        eps = _randn((b, n, s, self.latent_dim), generator, self.latent.mu)
+        eps = noise("normal", (b, n, s, self.latent_dim), generator, self.latent.mu)
         logits = self._logits_for(features, raters, eps)  # (B, N, S, H, W)
-        target = masks.gather(1, raters[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))  # (B, N, H, W)
         weight = weight.to(logits.dtype)
         if self.mc_reduction == "loss":
             seg = segmentation_loss(
@@ -310,8 +252,7 @@ class Pionono(MultiRaterModel):
             )
         else:
             seg = segmentation_loss(self.seg_loss, logits.mean(2).flatten(0, 1), target.flatten(0, 1), weight.flatten())
-        kl_pairs = self.kl_per_rater().to(weight.dtype)[raters]
-        kl = (kl_pairs * weight).sum() / weight.sum().clamp(min=1.0)
+        kl = weighted_mean(self.kl_per_rater().to(weight.dtype)[raters], weight)
         reg = self.head_l2()
         total = seg + self.kl_weight * kl + self.reg_weight * reg
         return {"loss": total, "seg": seg.detach(), "kl": kl.detach(), "reg": reg.detach()}
@@ -324,12 +265,11 @@ class Pionono(MultiRaterModel):
         share_latent: bool = False,
     ) -> Tensor:
         """``(B, R, K, H, W)`` probabilities: for each rater r, K draws ``z ~ q(z|r)``."""
-        self._check_images(images)
-        _check_k(num_samples)
+        self._check_sampling(images, num_samples)
         features = self.backbone(images)
         n = 1 if share_latent else features.shape[0]
         raters = torch.arange(self.num_raters, device=features.device).expand(n, -1)
-        eps = _randn((n, self.num_raters, num_samples, self.latent_dim), generator, self.latent.mu)
+        eps = noise("normal", (n, self.num_raters, num_samples, self.latent_dim), generator, self.latent.mu)
         return torch.sigmoid(self._logits_for(features, raters, eps))
 
     def sample_diverse(
@@ -341,8 +281,7 @@ class Pionono(MultiRaterModel):
     ) -> Tensor:
         """``(B, K, H, W)`` probabilities with ``z`` from the uniform mixture of the R rater posteriors: each draw
         picks a rater uniformly (from ``generator``), then ``z ~ q(z|r)``."""
-        self._check_images(images)
-        _check_k(num_samples)
+        self._check_sampling(images, num_samples)
         features = self.backbone(images)
         b, k, d = features.shape[0], num_samples, self.latent_dim
         n = 1 if share_latent else b
@@ -351,7 +290,7 @@ class Pionono(MultiRaterModel):
         else:
             raters = torch.randint(self.num_raters, (n, k), generator=generator, device=generator.device)
             raters = raters.to(features.device)
-        eps = _randn((n, k, 1, d), generator, self.latent.mu)  # one "sample" per (image, draw)
+        eps = noise("normal", (n, k, 1, d), generator, self.latent.mu)  # one "sample" per (image, draw)
         return torch.sigmoid(self._logits_for(features, raters, eps)).view(b, k, *features.shape[-2:])
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -365,7 +304,3 @@ class Pionono(MultiRaterModel):
             {"params": latent, "lr": latent_lr, "weight_decay": 0.0, "name": "latent"},
         ]
 
-
-def _check_k(num_samples: int) -> None:
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")

@@ -36,20 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from proseg.losses import gaussian_kl, segmentation_loss
-from proseg.models._gaussian_nets import (
-    AxisAlignedConvGaussian,
-    Fcomb,
-    l2_norm_sum,
-    randn,
-    reparameterize,
-    training_pairs,
-)
+from proseg.losses import gaussian_kl, get_loss, segmentation_loss, weighted_mean
+from proseg.models._gaussian_nets import AxisAlignedConvGaussian, Fcomb, reparameterize
+from proseg.models._utils import check_rater_sampling, l2_norm_sum, noise, training_pairs
 from proseg.models.backbones import create_backbone
-from proseg.models.base import Batch, MultiRaterModel, NotSupportedError
+from proseg.models.base import Batch, MultiRaterModel
 from proseg.models.registry import register_model
-
-_RATER_SAMPLING = ("one", "all")
 
 
 @register_model("prob_unet")
@@ -74,19 +66,9 @@ class ProbUNet(MultiRaterModel):
     supports_diverse = True
 
     PRESETS: dict[str, dict[str, Any]] = {
-        # Kohl et al. 2018, LIDC: U-Net (32, 64, 128, 192), latent 6, 3 convs a block, 4 fcomb convs, CE + KL.
-        "default": {
-            "backbone": "unet",
-            "backbone_cfg": {"widths": (32, 64, 128, 192)},
-            "latent_dim": 6,
-            "prior_widths": (32, 64, 128, 192),
-            "seg_loss": "bce",
-            "sum_over_pixels": True,
-            "kl_weight": 1.0,
-            "reg_weight": 1e-5,
-            "rater_sampling": "one",
-            "mask_shift": 0.5,
-        },
+        # The constructor's defaults, Kohl et al. 2018 on LIDC: U-Net (32, 64, 128, 192), latent 6, 3 convs a block,
+        # 4 fcomb convs, cross-entropy summed over pixels + KL, one rater per image, mask - 0.5 in the posterior.
+        "default": {},
         # The ProSeg / D-Persona repos' prob_unet: smp ResNet-34 U-Net (16 feature channels), latent 6,
         # prior/posterior filters (16, 32, 64, 128, 256), GDL + 1.0 * KL, reg 1e-5, raw mask in the posterior.
         "reference": {
@@ -131,17 +113,15 @@ class ProbUNet(MultiRaterModel):
         mask_shift: float = 0.5,
     ) -> None:
         super().__init__(in_channels, num_raters)
-        if rater_sampling not in _RATER_SAMPLING:
-            raise ValueError(f"rater_sampling must be one of {_RATER_SAMPLING}, got {rater_sampling!r}")
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-        segmentation_loss(seg_loss, torch.zeros(1, 1), torch.zeros(1, 1))  # fail early on an unknown kind
+        get_loss(seg_loss)  # an unknown name fails here, not at the first step
         self.latent_dim = latent_dim
         self.seg_loss = seg_loss
         self.sum_over_pixels = sum_over_pixels
         self.kl_weight = float(kl_weight)
         self.reg_weight = float(reg_weight)
-        self.rater_sampling = rater_sampling
+        self.rater_sampling = check_rater_sampling(rater_sampling)
         self.mask_shift = float(mask_shift)
 
         self.backbone = create_backbone(backbone, in_channels, **(backbone_cfg or {}))
@@ -164,29 +144,29 @@ class ProbUNet(MultiRaterModel):
         return seg
 
     def _reg_term(self, like: Tensor) -> Tensor:
+        """``reg_weight`` times the L2 sum of the trainable prior, posterior and fcomb weights."""
         if self.reg_weight == 0.0:
             return like.new_zeros(())
-        total = l2_norm_sum([self.prior, self.posterior, self.fcomb])
+        params = [p for m in (self.prior, self.posterior, self.fcomb) for p in m.parameters() if p.requires_grad]
+        total = l2_norm_sum(params, sequential=True)
         return like.new_zeros(()) if total is None else self.reg_weight * total
 
     def _targets(
         self, masks: Tensor, present: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
         """The (image, rater) pairs trained on: ``target (B, K, H, W)`` and ``weight (B, K)`` (K = 1 or R)."""
-        return training_pairs(masks, present, self.rater_sampling, generator)
+        _, weight, target = training_pairs(masks, present, self.rater_sampling, generator, pick="argmax")
+        return target, weight
 
-    def _prior_z(self, images: Tensor, num_samples: int, generator: torch.Generator | None,
-                 share_latent: bool) -> tuple[Tensor, Tensor]:
-        """Backbone features ``(B, F, H, W)`` and prior samples ``z`` ``(B, K, L)``."""
+    def _prior_samples(self, images: Tensor, shape: tuple[int, ...], generator: torch.Generator | None,
+                       share_latent: bool) -> tuple[Tensor, Tensor]:
+        """Backbone features ``(B, F, H, W)`` and prior samples ``z`` ``(B, *shape, L)`` (``share_latent``: one
+        standard-normal draw per sample for the whole batch)."""
         feats = self.backbone(images)
         mu, logvar = self.prior(images)
-        eps = randn((1 if share_latent else images.shape[0], num_samples, self.latent_dim), generator, mu)
-        return feats, reparameterize(mu[:, None], logvar[:, None], eps)
-
-    @staticmethod
-    def _check_num_samples(num_samples: int) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        eps = noise("normal", (1 if share_latent else images.shape[0], *shape, self.latent_dim), generator, mu)
+        lead = (slice(None),) + (None,) * len(shape)
+        return feats, reparameterize(mu[lead], logvar[lead], eps)
 
     # --- the API -------------------------------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -201,12 +181,12 @@ class ProbUNet(MultiRaterModel):
             [image[:, None].expand(b, k, *image.shape[1:]), (target - self.mask_shift)[:, :, None]], dim=2
         ).reshape(b * k, -1, h, w)
         mu_q, logvar_q = (t.reshape(b, k, -1) for t in self.posterior(post_in))
-        z = reparameterize(mu_q, logvar_q, randn(mu_q.shape, generator, mu_q))
+        z = reparameterize(mu_q, logvar_q, noise("normal", mu_q.shape, generator, mu_q))
         logits = self.fcomb(feats, z)  # (B, K, H, W)
         wf = weight.reshape(-1).to(logits.dtype)
         seg = self._seg_term(logits.reshape(b * k, h, w), target.reshape(b * k, h, w), wf)
         kl = gaussian_kl(mu_q, logvar_q, mu_p[:, None], logvar_p[:, None]).sum(-1).reshape(-1)
-        kl = (kl * wf).sum() / wf.sum().clamp(min=1.0)
+        kl = weighted_mean(kl, wf)
         reg = self._reg_term(kl)
         total = seg + self.kl_weight * kl + reg
         return {"loss": total, "seg": seg.detach(), "kl": kl.detach(), "reg": reg.detach()}
@@ -219,20 +199,6 @@ class ProbUNet(MultiRaterModel):
         share_latent: bool = False,
     ) -> Tensor:
         """``(B, K, H, W)`` foreground probabilities from ``z ~ p(z|x)``."""
-        self._check_images(images)
-        self._check_num_samples(num_samples)
-        feats, z = self._prior_z(images, num_samples, generator, share_latent)
+        self._check_sampling(images, num_samples)
+        feats, z = self._prior_samples(images, (num_samples,), generator, share_latent)
         return torch.sigmoid(self.fcomb(feats, z)).to(images.dtype)
-
-    def sample_personalized(
-        self,
-        images: Tensor,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        share_latent: bool = False,
-    ) -> Tensor:
-        raise NotSupportedError(
-            f"{type(self).__name__} ({self.model_name}) models the population of segmentations only; it has no "
-            "per-rater (personalized) output. Use sample_diverse, or a model with rater conditioning "
-            "(proseg, pionono, dpersona after stage 2, cm_global, cm_pixel)."
-        )

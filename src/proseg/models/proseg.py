@@ -19,7 +19,8 @@ See ``docs/models.md`` for every place where the paper and the reference code di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -28,22 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from proseg.errors import NonFiniteError
-from proseg.losses import dirichlet_kl, gaussian_kl, log_variance, segmentation_loss
+from proseg.losses import dirichlet_kl, gaussian_kl, get_loss, log_variance, segmentation_loss, weighted_mean
+from proseg.models._utils import check_rater_sampling, l2_norm_sum, noise, training_pairs
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel
 from proseg.models.registry import register_model
 
 # --- randomness that only comes from the caller's generator --------------------------------------------------
-
-
-def _draw(kind: str, shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """``randn``/``rand`` of ``shape`` drawn on the generator's device (the input's when None), returned on
-    ``like``'s device with ``like``'s floating dtype."""
-    device = generator.device if generator is not None else like.device
-    fn = torch.randn if kind == "normal" else torch.rand
-    out = fn(tuple(shape), generator=generator, device=device, dtype=like.dtype)
-    return out.to(like.device)
-
 
 #: rounds of the Marsaglia-Tsang rejection loop before giving up. Each round accepts > 95 % of the remaining draws
 #: (boosted d >= 2/3), so even 1e9 draws all pass within 10 rounds with overwhelming probability; 100 is a bound that a
@@ -93,8 +85,8 @@ def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> 
     for _ in range(MAX_GAMMA_ROUNDS):
         if todo.numel() == 0:
             break
-        x = _draw("normal", (todo.numel(),), generator, flat)
-        u = _draw("uniform", (todo.numel(),), generator, flat)
+        x = noise("normal", (todo.numel(),), generator, flat)
+        u = noise("uniform", (todo.numel(),), generator, flat)
         dd, cc = d[todo], c[todo]
         v = (1.0 + cc * x) ** 3
         ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v + dd * torch.log(v.clamp_min(1e-30)))
@@ -105,7 +97,7 @@ def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> 
             f"Gamma sampler: {todo.numel()} of {flat.numel()} draws still rejected after {MAX_GAMMA_ROUNDS} "
             f"rounds (alpha e.g. {float(flat[todo[0]])}); the concentrations or the random generator are broken"
         )
-    u = _draw("uniform", (flat.numel(),), generator, flat)
+    u = noise("uniform", (flat.numel(),), generator, flat)
     out = torch.where(boost, out * u.pow(1.0 / flat), out)
     return out.clamp_min(torch.finfo(out.dtype).tiny).reshape(alpha.shape)
 
@@ -260,7 +252,9 @@ class SegHead(nn.Module):
     def l2(self) -> Tensor:
         """Sum of the (non-squared) L2 norms of every weight and bias of all layers but the last (the reference's
         ``l2_regularisation(head.layers)``)."""
-        return torch.stack([p.norm(2) for m in self.layers for p in m.parameters()]).sum()
+        total = l2_norm_sum([p for m in self.layers for p in m.parameters()])
+        assert total is not None  # num_layers >= 2: at least one layer
+        return total
 
 
 class LightReconDecoder(nn.Module):
@@ -315,16 +309,24 @@ _REFERENCE: dict[str, Any] = {
     "seg_loss": "gdl",
     "diverse_mode": "per_rater",
     "latent_lr": 2e-3,
+    "z_logvar_init": None,
 }
+#: the ``default`` backbone configuration (read-only: a constructor default)
+_DEFAULT_BACKBONE_CFG: Mapping[str, Any] = MappingProxyType({"widths": (16, 32, 64, 128)})
 
 
 @register_model("proseg")
 class ProSeg(MultiRaterModel):
     """ProSeg with switchable pieces; see the module docstring for the model and ``PRESETS`` for the presets.
 
+    The defaults are the ``default`` preset (``ProSeg(C, R)`` is ``create_model("proseg", in_channels=C,
+    num_raters=R)``); ``reference`` is the reference code's configuration.
+
     Args:
         in_channels, num_raters: C and R.
-        backbone, backbone_cfg: feature extractor (:func:`proseg.models.backbones.create_backbone`).
+        backbone, backbone_cfg: feature extractor (:func:`proseg.models.backbones.create_backbone`); the default is
+            the ``unet`` with widths (16, 32, 64, 128): another backbone needs its own ``backbone_cfg`` (``{}``: its
+            defaults).
         tau_dim: D, dimension of the rater-preference simplex.
         z_channels: channels of the pixel-wise ambiguity latent Z.
         stat_hidden: hidden widths of each rater's statistic head (3x3 convs; output ``2 * z_channels``).
@@ -357,21 +359,12 @@ class ProSeg(MultiRaterModel):
 
     PRESETS: dict[str, dict[str, Any]] = {
         "reference": _REFERENCE,
-        # Chosen by the CPU-scale benchmark (docs/results.md): a small U-Net backbone (16 feature channels, as the
-        # reference's), the light reconstruction decoder instead of a second ResNet-34 U-Net, one rater per image and
-        # step ("all" costs ~2.7x per step), and q(Z|x,r) started narrow (logvar -4) so the head learns from the
-        # features at once; about a third of the reference's step cost.
-        "default": {
-            **_REFERENCE,
-            "backbone": "unet",
-            "backbone_cfg": {"widths": (16, 32, 64, 128)},
-            "recon_decoder": "light",
-            "recon_divide_by_batch": False,
-            "prior_variance": 1.0,
-            "rater_sampling": "one",
-            "diverse_mode": "prior_classifier",
-            "z_logvar_init": -4.0,
-        },
+        # The constructor's defaults, chosen by the CPU-scale benchmark (docs/results.md): the reference's
+        # hyper-parameters with a small U-Net backbone (16 feature channels, as the reference's), the light
+        # reconstruction decoder instead of a second ResNet-34 U-Net, prior variance 1, one rater per image and step
+        # ("all" costs ~2.7x per step), and q(Z|x,r) started narrow (logvar -4) so the head learns from the features
+        # at once; about a third of the reference's step cost.
+        "default": {},
         "tiny": {
             **_REFERENCE,
             "backbone": "unet",
@@ -396,8 +389,8 @@ class ProSeg(MultiRaterModel):
         self,
         in_channels: int,
         num_raters: int,
-        backbone: str = "resnet34_unet",
-        backbone_cfg: dict[str, Any] | None = None,
+        backbone: str = "unet",
+        backbone_cfg: Mapping[str, Any] | None = _DEFAULT_BACKBONE_CFG,
         tau_dim: int = 8,
         z_channels: int = 16,
         stat_hidden: Sequence[int] = (16, 32),
@@ -417,17 +410,16 @@ class ProSeg(MultiRaterModel):
         ce_weight: float = 1.0,
         recon_weight: float = 1.0,
         recon_divide_by_batch: bool = False,
-        rater_sampling: str = "all",
+        rater_sampling: str = "one",
         seg_loss: str = "gdl",
         diverse_mode: str = "prior_classifier",
         diverse_rater: str = "argmax",
         latent_lr: float | None = 2e-3,
         channels_last: bool = False,
-        z_logvar_init: float | None = None,
+        z_logvar_init: float | None = -4.0,
     ) -> None:
         super().__init__(in_channels, num_raters)
-        if rater_sampling not in ("one", "all"):
-            raise ValueError(f"rater_sampling must be 'one' or 'all', got {rater_sampling!r}")
+        check_rater_sampling(rater_sampling)
         if diverse_mode not in ("prior_classifier", "per_rater"):
             raise ValueError(f"diverse_mode must be 'prior_classifier' or 'per_rater', got {diverse_mode!r}")
         if diverse_rater not in ("argmax", "sample"):
@@ -436,7 +428,7 @@ class ProSeg(MultiRaterModel):
             raise ValueError(f"recon_decoder must be 'backbone' or 'light', got {recon_decoder!r}")
         if alpha0 <= 0:
             raise ValueError(f"alpha0 must be > 0, got {alpha0}")
-        segmentation_loss(seg_loss, torch.zeros(1, 1), torch.zeros(1, 1))  # fail early on an unknown name
+        get_loss(seg_loss)  # an unknown name fails here, not at the first step
         self.prior_logvar = log_variance(prior_variance)
         self.alpha0 = float(alpha0)
         self.z_channels = int(z_channels)
@@ -497,56 +489,35 @@ class ProSeg(MultiRaterModel):
         global RNG when None).
         """
         image, masks, present = self._check_batch(batch)
-        B, R = masks.shape[:2]
+        B = masks.shape[0]
         H, W = image.shape[-2:]
         feats = self._features(image)
-        if self.rater_sampling == "one":
-            # one present rater per image, uniformly; an image without any present rater gets weight 0
-            probs = present.to(image.dtype)
-            probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, torch.ones_like(probs))
-            if generator is not None and generator.device != probs.device:
-                raters = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-            else:
-                raters = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            weight = present.gather(1, raters).to(image.dtype)
-            target = masks.gather(1, raters[:, :, None, None].expand(B, 1, H, W))
-            rater_idx = raters
-            stat_raters: Tensor | None = raters
-        else:
-            rater_idx = torch.arange(R, device=image.device).expand(B, R)
-            weight = present.to(image.dtype)
-            target = masks
-            stat_raters = None
+        # "one": one present rater per image, uniformly (an image without any gets weight 0); "all": every rater
+        rater_idx, used, target = training_pairs(masks, present, self.rater_sampling, generator, pick="multinomial")
+        weight = used.to(image.dtype)  # (B, S)
+        stat_raters = rater_idx if self.rater_sampling == "one" else None  # None: the dense all-rater path
         S = rater_idx.shape[1]
-        wsum = weight.sum().clamp_min(1e-12)
 
         conc = self.tau.concentration().to(image.dtype)  # (R, D)
         check_concentration(conc, _TAU_WHAT)  # names the parameter; the sampler's own check could not
         alpha = conc[rater_idx]  # (B, S, D)
         tau = sample_dirichlet(alpha, generator)
-        kl_tau = (dirichlet_kl(alpha, self.alpha0) * weight).sum() / wsum
+        kl_tau = weighted_mean(dirichlet_kl(alpha, self.alpha0), weight)
         ce_pairs = F.cross_entropy(self.tau.classifier(tau).reshape(B * S, -1), rater_idx.reshape(-1),
                                    reduction="none")
-        ce = (ce_pairs * weight.reshape(-1)).sum() / wsum
+        ce = weighted_mean(ce_pairs, weight.reshape(-1))
 
         mu, logvar = self._stats(feats, stat_raters)  # (B, S, H, W, Zc)
-        eps = _draw("normal", mu.shape, generator, mu)
-        z = torch.addcmul(mu, torch.exp(0.5 * logvar), eps)
-        kl_z_pairs = gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4))
-        kl_z = (kl_z_pairs * weight).sum() / wsum
+        z = self._sample_z(mu, logvar, generator)
+        kl_z = weighted_mean(gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4)), weight)
 
         logits = self.head(z, tau)  # (B, S, H, W)
         seg = segmentation_loss(self.seg_loss_kind, logits.reshape(B * S, H, W), target.reshape(B * S, H, W),
                                 weight.reshape(-1))
 
-        z_nchw = z.permute(0, 1, 4, 2, 3)  # (B, S, Zc, H, W), channels-last strides
-        remap = self.remap_heads(z_nchw, stat_raters)  # (B, S, Cr, H, W)
-        remap = remap.reshape(B * S, *remap.shape[2:])
-        if self.channels_last:
-            remap = remap.contiguous(memory_format=torch.channels_last)
-        x_hat = self.recon(remap).reshape(B, S, self.in_channels, H, W)
+        x_hat = self._decode_image(z, stat_raters)  # (B, S, C, H, W)
         mse_pairs = (x_hat.float() - image.float()[:, None]).pow(2).mean(dim=(2, 3, 4))
-        recon = (mse_pairs * weight).sum() / wsum
+        recon = weighted_mean(mse_pairs, weight)
         if self.recon_divide_by_batch:
             recon = recon / B
 
@@ -558,14 +529,23 @@ class ProSeg(MultiRaterModel):
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """p(x|Z) for every rater with one Z draw each: ``(B, R, C, H, W)`` (a diagnostic; the loss uses it)."""
         self._check_images(images)
-        B, H, W = images.shape[0], *images.shape[-2:]
         mu, logvar = self._stats(self._features(images), None)
-        z = torch.addcmul(mu, torch.exp(0.5 * logvar), _draw("normal", mu.shape, generator, mu))
-        remap = self.remap_heads(z.permute(0, 1, 4, 2, 3), None)
-        remap = remap.reshape(B * self.num_raters, *remap.shape[2:])
+        return self._decode_image(self._sample_z(mu, logvar, generator), None)
+
+    @staticmethod
+    def _sample_z(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One draw ``Z = mu + exp(logvar / 2) * eps`` per element (any shape)."""
+        return torch.addcmul(mu, torch.exp(0.5 * logvar), noise("normal", mu.shape, generator, mu))
+
+    def _decode_image(self, z: Tensor, raters: Tensor | None) -> Tensor:
+        """p(x|Z): ``z`` ``(B, S, H, W, Zc)`` channels-last through each pair's remap head (``raters`` ``(B, S)``, or
+        None = all R in order) and the reconstruction decoder -> ``(B, S, C, H, W)``."""
+        B, S, H, W = z.shape[:4]
+        remap = self.remap_heads(z.permute(0, 1, 4, 2, 3), raters)  # (B, S, Cr, H, W)
+        remap = remap.reshape(B * S, *remap.shape[2:])
         if self.channels_last:
             remap = remap.contiguous(memory_format=torch.channels_last)
-        return self.recon(remap).reshape(B, self.num_raters, self.in_channels, H, W)
+        return self.recon(remap).reshape(B, S, self.in_channels, H, W)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_personalized(
@@ -580,7 +560,7 @@ class ProSeg(MultiRaterModel):
         The backbone and the R statistic heads run once per image; each extra sample costs one Z draw and the 1x1
         head. ``share_latent=True`` draws tau once per (rater, sample) for the whole batch.
         """
-        self._check_images(images)
+        self._check_sampling(images, num_samples)
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
         mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
         conc = self.tau.concentration().to(mu.dtype)
@@ -599,7 +579,7 @@ class ProSeg(MultiRaterModel):
         tau = tau.expand(B, R, K, self.tau_dim)
         out = mu.new_empty(B, R, K, H, W)
         for k0, k1 in self._chunks(K, mu):
-            z = _draw("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
+            z = noise("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
             z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
             out[:, :, k0:k1] = torch.sigmoid(self.head(z, tau[:, :, k0:k1]))
         return out
@@ -625,7 +605,7 @@ class ProSeg(MultiRaterModel):
         order (the first K mod R raters get one more), Z ~ q(Z|x, r). With ``share_latent=True`` tau and the chosen
         rater are shared across the batch.
         """
-        self._check_images(images)
+        self._check_sampling(images, num_samples)
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
         mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
         lead = 1 if share_latent else B
@@ -643,7 +623,7 @@ class ProSeg(MultiRaterModel):
             rater = self.tau.classifier(tau).argmax(-1)
         else:
             p = torch.softmax(self.tau.classifier(tau).float(), -1).reshape(lead * K, R)
-            u = _draw("uniform", (lead * K, 1), generator, p)  # inverse-CDF draw from the generator
+            u = noise("uniform", (lead * K, 1), generator, p)  # inverse-CDF draw from the generator
             rater = (p.cumsum(-1) < u).sum(-1).clamp_max(R - 1).reshape(lead, K)
         rater = rater.expand(B, K)
         tau = tau.expand(B, K, self.tau_dim)
@@ -653,7 +633,7 @@ class ProSeg(MultiRaterModel):
         out = mu.new_empty(B, K, *mu.shape[2:4])
         for k0, k1 in self._chunks(K, mu[:, 0]):
             sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
-            z = _draw("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
+            z = noise("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
             z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             out[:, k0:k1] = torch.sigmoid(self.head(z, tau[:, k0:k1]))
         return out

@@ -34,20 +34,14 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return wrap
 
 
-def _ensure_builtin_models() -> None:
-    # Importing the package registers the built-in models (each module uses @register_model).
-    import proseg.models  # noqa: F401
-
-
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern``, sorted."""
-    _ensure_builtin_models()
+    """Registered model names matching a shell-style ``pattern``, sorted. (Importing any part of ``proseg.models``
+    runs the package's ``__init__``, which imports and so registers every built-in model.)"""
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
 def get_model_class(name: str) -> type[nn.Module]:
     """The class registered as ``name``; :class:`UnknownNameError` (a ``ConfigError``) listing the names if none."""
-    _ensure_builtin_models()
     if name not in _MODELS:
         raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
@@ -66,8 +60,9 @@ def create_model(
         preset: a named set of hyper-parameters from the class's ``PRESETS`` (``default``, ``reference`` ...).
         **overrides: constructor keyword arguments that replace the preset's.
 
-    The full constructor configuration is kept on ``model.init_config`` so that
-    ``create_model(**model.init_config)`` rebuilds the same architecture (used by checkpoints).
+    The call is recorded as ``model.init_config`` (name, C, R, preset and the overrides; a model may add options it
+    changes itself, see ``MultiRaterModel.config_updates``) so that ``create_model(**model.init_config)`` rebuilds
+    the same architecture (used by checkpoints). The ``default`` preset is the constructor's defaults.
 
     Raises:
         UnknownNameError: (a :class:`~proseg.errors.ConfigError`, also a ``KeyError``) an unknown model or preset.
@@ -84,7 +79,7 @@ def create_model(
         raise UnknownNameError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(sorted(presets))}")
     kwargs = {**presets[preset], **overrides}
     model = cls(in_channels=in_channels, num_raters=num_raters, **kwargs)
-    model.init_config = {  # type: ignore[assignment]
+    model.init_config = {  # type: ignore[attr-defined]
         "name": name,
         "in_channels": in_channels,
         "num_raters": num_raters,

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from proseg.fsutil import atomic_write_bytes
+from proseg.metrics.uncertainty import diverse_uncertainty, uncertainty_maps
 
 
 def _pick_slice(masks: np.ndarray) -> int:
@@ -51,9 +53,6 @@ def case_figure(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import torch
-
-    from proseg.engine.uncertainty import diverse_uncertainty, uncertainty_maps
 
     d = _pick_slice(masks)
     r = masks.shape[1]

@@ -4,11 +4,9 @@ thread pool and filter by patient before reading any pixels)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from proseg.data.types import DataError, Sample
 
@@ -38,17 +36,3 @@ def require_dir(src: str | Path, what: str) -> Path:
 
 def no_cases(src: Path, what: str) -> DataError:
     return DataError(f"{src}: no cases found (expected {what})")
-
-
-def iter_loaded(cases: list[CaseRef]) -> Iterator[Sample]:
-    for c in cases:
-        yield c.load()
-
-
-def image_to_channels_first(arr: np.ndarray, spatial_ndim: int, path: str | Path) -> np.ndarray:
-    """``(H,W)`` -> ``(1,H,W)``; ``(H,W,C)`` PNG-style channels-last -> ``(C,H,W)`` (used for 2D images)."""
-    if arr.ndim == spatial_ndim:
-        return arr[None]
-    if arr.ndim == spatial_ndim + 1:
-        return np.moveaxis(arr, -1, 0)
-    raise DataError(f"{path}: expected a {spatial_ndim}D image (optionally with channels), got shape {arr.shape}")

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from proseg.data.io import check_finite, read_array, to_binary_mask
+from proseg.data.io import check_finite, file_kind, nifti_spatial, read_array, to_binary_mask
 from proseg.data.readers.base import CaseRef, natural_key, no_cases, require_dir
-from proseg.data.readers.qubiq import _spatial
 from proseg.data.types import DataError, Sample
 
 DEFAULT_IMAGE_PATTERN = "{case}/image.*"
@@ -113,13 +112,13 @@ def list_cases(
 
 def _to_image(arr: np.ndarray, path: Path, ndim: int) -> np.ndarray:
     """Return ``(C, *spatial)`` for the file's layout (see module docstring)."""
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    kind = file_kind(path)
+    if kind == "nifti":
         a = arr
         if a.ndim == 4 and a.shape[2] > 1:  # (X, Y, Z, C) multi-channel NIfTI
             return np.moveaxis(np.moveaxis(a, -1, 0), -1, 1)
-        return _spatial(a, path)[None]
-    if name.endswith((".npy", ".npz")):
+        return nifti_spatial(a, path)[None]
+    if kind in ("npy", "npz"):
         if arr.ndim == ndim:
             return arr[None]
         if arr.ndim == ndim + 1:
@@ -131,10 +130,10 @@ def _to_image(arr: np.ndarray, path: Path, ndim: int) -> np.ndarray:
 
 
 def _to_mask(arr: np.ndarray, path: Path) -> np.ndarray:
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return _spatial(arr, path)
-    if arr.ndim == 3 and name.endswith((".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")):
+    kind = file_kind(path)
+    if kind == "nifti":
+        return nifti_spatial(arr, path)
+    if arr.ndim == 3 and kind == "image":
         return arr[..., 0]
     return arr
 
@@ -155,7 +154,7 @@ def _loader(case: str, pid: str, img_path: Path, mask_paths: dict[str, Path], na
             masks[i] = to_binary_mask(m, mp)
             present[i] = True
         spacing: tuple[float, ...] = ()
-        if zooms and img_path.name.lower().endswith((".nii", ".nii.gz")):
+        if zooms and file_kind(img_path) == "nifti":
             z = zooms[:3]
             spacing = tuple(z[:2]) if len(spatial) == 2 else (z[2], z[0], z[1])
         return Sample(

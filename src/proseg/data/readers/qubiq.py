@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proseg.data.io import check_finite, read_nifti, to_binary_mask
+from proseg.data.io import check_finite, nifti_spatial, read_nifti, to_binary_mask
 from proseg.data.readers.base import CaseRef, natural_key, no_cases, require_dir
 from proseg.data.types import DataError, Sample
 
@@ -72,28 +72,16 @@ def list_cases(src: str | Path, allow_missing_raters: bool = False, task: str | 
     return [CaseRef(d.name, d.name, _loader(d, segs, names)) for d, segs in segs_of.items()]
 
 
-def _spatial(arr: np.ndarray, path: Path) -> np.ndarray:
-    """NIfTI ``(X,Y)``/``(X,Y,1)`` -> ``(X,Y)``; ``(X,Y,Z)`` -> ``(Z,X,Y)``."""
-    a = arr
-    while a.ndim > 2 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim == 2:
-        return a
-    if a.ndim == 3:
-        return np.moveaxis(a, -1, 0)
-    raise DataError(f"{path}: expected a 2D or 3D NIfTI image, got shape {arr.shape}")
-
-
 def _loader(d: Path, segs: dict[str, Path], names: list[str]):
     def load() -> Sample:
         img_path = next(iter(sorted(d.glob("image.nii*"))))
         vol = read_nifti(img_path)
         check_finite(vol.data, img_path)
-        img = _spatial(vol.data, img_path)
+        img = nifti_spatial(vol.data, img_path)
         masks = np.zeros((len(names),) + img.shape, bool)
         present = np.zeros(len(names), bool)
         for name, path in segs.items():
-            m = _spatial(read_nifti(path).data, path)
+            m = nifti_spatial(read_nifti(path).data, path)
             if m.shape != img.shape:
                 raise DataError(f"{path}: image/mask shape mismatch: mask {m.shape} vs image {img.shape}")
             i = names.index(name)

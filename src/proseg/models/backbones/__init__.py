@@ -9,6 +9,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from proseg.models.backbones.resnet_unet import ResNet34UNet
 from proseg.models.backbones.unet import UNet
 from proseg.models.registry import UnknownNameError  # a ConfigError that is still a KeyError
 
@@ -18,10 +19,8 @@ def create_backbone(name: str, in_channels: int, **cfg: Any) -> nn.Module:
     if name == "unet":
         return UNet(in_channels, **cfg)
     if name == "resnet34_unet":
-        from proseg.models.backbones.resnet_unet import ResNet34UNet
-
         return ResNet34UNet(in_channels, **cfg)
     raise UnknownNameError(f"unknown backbone {name!r}; available: unet, resnet34_unet")
 
 
-__all__ = ["UNet", "create_backbone"]
+__all__ = ["ResNet34UNet", "UNet", "create_backbone"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,18 @@ def conv_block(cin: int, cout: int, num_convs: int = 2, norm: bool = True) -> nn
     return nn.Sequential(*layers)
 
 
+def down_path(blocks: Iterable[nn.Module], x: Tensor) -> list[Tensor]:
+    """Run ``blocks`` in order with 2x2 average pooling (ceil mode) between them; every block's output, finest
+    first (the down path of the U-Net, of PHiSeg's and the Prob. U-Net's encoders, of D-Persona's heads)."""
+    feats = []
+    for i, block in enumerate(blocks):
+        if i > 0:
+            x = F.avg_pool2d(x, 2, ceil_mode=True)
+        x = block(x)
+        feats.append(x)
+    return feats
+
+
 class UNetEncoder(nn.Module):
     """Down path: a conv block per level, 2x2 average pooling between levels.
 
@@ -33,13 +45,7 @@ class UNetEncoder(nn.Module):
         self.blocks = nn.ModuleList(conv_block(chans[i], chans[i + 1], norm=norm) for i in range(len(self.widths)))
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        feats = []
-        for i, block in enumerate(self.blocks):
-            if i > 0:
-                x = F.avg_pool2d(x, 2, ceil_mode=True)
-            x = block(x)
-            feats.append(x)
-        return feats
+        return down_path(self.blocks, x)
 
 
 class UNetDecoder(nn.Module):

@@ -18,22 +18,30 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from proseg.commands.evaluate import evaluate_checkpoint
+from proseg.data.prepare import prepare
+from proseg.engine.config import Config, load_config, validate_config
+from proseg.engine.trainer import Trainer
 from proseg.errors import CommandError
+from proseg.fsutil import atomic_write_text, check_writable
+from proseg.jsonio import write_json
 
 MARKER = "demo.json"
 MODELS = (("proseg", "ProSeg"), ("prob_unet", "Prob. U-Net"))
 
 
 def _say(msg: str) -> None:
-    import sys
-
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
@@ -49,20 +57,12 @@ def _prepare_out(out: Path, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise NotADirectoryError(f"{out}: cannot write here ({probe} is a file)")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"{out}: not writable")
 
 
-def demo_config(name: str, data: Path, seconds: float, batch_size: int) -> Any:
+def demo_config(name: str, data: Path, seconds: float, batch_size: int) -> Config:
     """The demo's training config: the ``tiny`` preset, Adam, cosine over the time budget."""
-    from proseg.engine.config import load_config, validate_config
-
     cfg = load_config(None, [
         f"data.path={data}", "data.fold=0", "data.augment=true", "data.num_workers=0",
         f"model.name={name}", "model.preset=tiny",
@@ -80,12 +80,6 @@ def demo_config(name: str, data: Path, seconds: float, batch_size: int) -> Any:
 def _train_and_evaluate(name: str, data_dir: str, run_dir: str, seconds: float, batch_size: int, eval_cases: int,
                         num_samples: int, threads: int) -> None:
     """One model's share of the demo (runs in its own process): train, evaluate, write ``demo_result.json``."""
-    import torch
-
-    from proseg.engine.checkpoint import write_json
-    from proseg.engine.evaluate import evaluate_checkpoint
-    from proseg.engine.trainer import Trainer
-
     torch.set_num_threads(threads)
     cfg = demo_config(name, Path(data_dir), seconds, batch_size)
     t0 = time.time()
@@ -110,8 +104,6 @@ def run_demo(out: str | os.PathLike[str] = "demo", data: str | os.PathLike[str] 
     (validation included), then evaluate on the test part of fold 0. ``parallel=False`` runs them one after
     the other in this process.
     """
-    import multiprocessing as mp
-
     t_start = time.time()
     if minutes <= 0:
         raise CommandError(f"--minutes must be > 0, got {minutes}")
@@ -122,8 +114,6 @@ def run_demo(out: str | os.PathLike[str] = "demo", data: str | os.PathLike[str] 
             raise FileNotFoundError(f"{data_dir}: not a prepared dataset (run `proseg prepare` first)")
     _prepare_out(out_dir, force)
     if data is None:
-        from proseg.data.prepare import prepare
-
         data_dir = out_dir / "data"
         if not (data_dir / "manifest.json").is_file():
             log(f"preparing {cases} synthetic cases -> {data_dir}")
@@ -159,8 +149,6 @@ def run_demo(out: str | os.PathLike[str] = "demo", data: str | os.PathLike[str] 
         runs[name] = {"label": label, **res}
     figures = _collect_figures(out_dir, runs)
     report_path = out_dir / "report.md"
-    from proseg.engine.checkpoint import atomic_write_text, write_json
-
     total = time.time() - t_start
     atomic_write_text(report_path, _report_md(runs, figures, data_dir, total))
     write_json(out_dir / MARKER, {"data": str(data_dir), "minutes": minutes, "seconds_total": round(total, 1),
@@ -229,6 +217,3 @@ def _report_md(runs: dict[str, dict[str, Any]], figures: list[tuple[str, Path]],
 def format_seconds(s: float) -> str:
     return f"{int(s // 60)} min {int(s % 60)} s"
 
-
-def load_marker(out: Path) -> dict[str, Any]:
-    return json.loads((out / MARKER).read_text())

@@ -1,0 +1,108 @@
+"""Pieces every model uses, written once: generator-driven noise, the (image, rater) pairs a training step uses,
+the L2 sum of a head's weights, and the check of the shared ``rater_sampling`` option.
+
+Randomness rule (every draw of every model): the numbers are drawn **on the generator's device** (the input's when
+the generator is None, i.e. from the global RNG of that device) **in the dtype of the tensor they go with** (``like``;
+float32 when ``like`` is not floating point, e.g. a bool rater mask) and then moved to ``like``'s device. So a CPU
+generator gives the same numbers whatever device the model runs on, and equally seeded generators give equal draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+RATER_SAMPLING = ("one", "all")
+#: how :func:`pick_present_rater` draws: ``multinomial`` (ProSeg, Pionono, CM) or ``argmax`` of uniforms (Prob. U-Net,
+#: PHiSeg, D-Persona). Both are uniform over the present raters; they consume the generator differently, so each
+#: model keeps the one its stored outputs (tests/models/stored_outputs.json) were made with.
+RATER_PICKS = ("multinomial", "argmax")
+
+
+def noise(kind: str, shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Standard-normal (``kind="normal"``) or uniform [0, 1) (``"uniform"``) noise of ``shape``, drawn by the rule
+    of the module docstring: on ``generator``'s device (``like``'s when None), in ``like``'s dtype (float32 for a
+    non-floating ``like``), returned on ``like``'s device."""
+    if kind not in ("normal", "uniform"):
+        raise ValueError(f"noise kind must be 'normal' or 'uniform', got {kind!r}")
+    device = generator.device if generator is not None else like.device
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    fn = torch.randn if kind == "normal" else torch.rand
+    return fn(tuple(shape), generator=generator, device=device, dtype=dtype).to(like.device)
+
+
+def pick_present_rater(present: Tensor, generator: torch.Generator | None, method: str) -> tuple[Tensor, Tensor]:
+    """One rater per image, uniformly among its present ones, from ``generator``.
+
+    Args:
+        present: ``(B, R)`` bool.
+        method: ``"multinomial"`` (``torch.multinomial`` over the present raters, on the generator's device) or
+            ``"argmax"`` (the argmax of one uniform per rater, absent raters excluded); see :data:`RATER_PICKS`.
+
+    Returns:
+        ``idx`` ``(B,)`` long and ``valid`` ``(B,)`` bool: False where the image has no present rater (``idx`` is
+        then arbitrary and the image must contribute nothing).
+    """
+    valid = present.any(dim=1)
+    if method == "argmax":
+        u = noise("uniform", present.shape, generator, present)
+        return torch.where(present, u, torch.full_like(u, -1.0)).argmax(dim=1), valid
+    if method != "multinomial":
+        raise ValueError(f"rater pick method must be one of {RATER_PICKS}, got {method!r}")
+    probs = torch.where(valid[:, None], present.float(), torch.ones_like(present, dtype=torch.float))
+    device = generator.device if generator is not None else probs.device
+    idx = torch.multinomial(probs.to(device), 1, generator=generator).to(present.device)
+    return idx[:, 0], valid
+
+
+def training_pairs(
+    masks: Tensor, present: Tensor, mode: str, generator: torch.Generator | None, pick: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The (image, rater) pairs a training step uses.
+
+    Args:
+        masks: ``(B, R, H, W)``; present: ``(B, R)`` bool.
+        mode: ``"all"`` (every rater of every image; the absent ones weigh 0) or ``"one"`` (per image one present
+            rater drawn with :func:`pick_present_rater` and ``pick``, as the reference training scripts).
+
+    Returns:
+        ``raters`` ``(B, N)`` long, ``weight`` ``(B, N)`` bool and ``target`` ``(B, N, H, W)`` (the pair's mask, all
+        zero where ``weight`` is False, so an absent rater's mask is never read), with N = R (``all``, ``raters[b] =
+        0..R-1``) or 1 (``one``).
+    """
+    if mode == "all":
+        raters = torch.arange(present.shape[1], device=present.device).expand(present.shape)
+        return raters, present, masks * present[..., None, None].to(masks.dtype)
+    if mode != "one":
+        raise ValueError(f"rater_sampling must be one of {RATER_SAMPLING}, got {mode!r}")
+    idx, valid = pick_present_rater(present, generator, pick)
+    target = masks[torch.arange(masks.shape[0], device=masks.device), idx][:, None]
+    return idx[:, None], valid[:, None], target * valid[:, None, None, None].to(masks.dtype)
+
+
+def l2_norm_sum(params: Iterable[Tensor], sequential: bool = False) -> Tensor | None:
+    """Sum of the (non-squared) L2 norms of ``params``, the reference ``l2_regularisation`` of the Prob. U-Net ports
+    (ProSeg/Pionono: their heads' layers but the last; Prob. U-Net/D-Persona: prior, posterior and fcomb).
+
+    ``sequential=True`` adds the norms one after another, else they are summed in one reduction; the two round
+    differently in the last bits, and each model keeps the order its stored outputs were made with. None when
+    ``params`` is empty.
+    """
+    norms = [p.norm(2) for p in params]
+    if not norms:
+        return None
+    if not sequential:
+        return torch.stack(norms).sum()
+    total = norms[0]
+    for n in norms[1:]:
+        total = total + n
+    return total
+
+
+def check_rater_sampling(mode: str) -> str:
+    """``mode`` if it is one of :data:`RATER_SAMPLING`, else ValueError."""
+    if mode not in RATER_SAMPLING:
+        raise ValueError(f"rater_sampling must be 'one' or 'all', got {mode!r}")
+    return mode
