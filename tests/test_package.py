@@ -1,7 +1,10 @@
 """The package installs, its CLI starts, and the model registry is consistent."""
 
+import ast
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import proseg
 from proseg.models import list_models
@@ -20,6 +23,10 @@ def test_cli_help_starts_without_torch_import() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_registry_lists_are_sorted_strings() -> None:
-    names = list_models()
-    assert names == sorted(names)
+def test_registry_lists_every_built_in_model_and_filters_by_pattern() -> None:
+    # The README's list is what users read; a model that stops registering (or a new one left out) fails here.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = ast.literal_eval(re.search(r"print\(list_models\(\)\)\s*#\s*(\[.*?\])", readme).group(1))
+    assert list_models() == listed
+    assert list_models("cm_*") == ["cm_global", "cm_pixel"]
+    assert list_models("nothing*") == []

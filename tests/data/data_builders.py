@@ -1,25 +1,15 @@
 """Builders of tiny sources in the exact real layouts (16 x 16, 2-3 patients), shared by the data tests.
 
-Imported by the test modules of this folder as ``data_builders`` (pytest puts the folder on ``sys.path``)."""
+Imported by the test modules as ``tests.data.data_builders``."""
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-
-def _shared_data() -> Path:
-    env = os.environ.get("PROSEG_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-SHARED = _shared_data()
+from tests.shared_data import SHARED, needs_shared  # noqa: F401 (the data tests import them from here)
 
 
 def disk(n: int, r: float, cy: float | None = None, cx: float | None = None) -> np.ndarray:
@@ -115,8 +105,3 @@ def make_qubiq(root: Path, cases=3, n=16, raters=3, task="task01", with_training
         for r in range(1, raters + 1):
             write_nifti(d / f"{task}_seg{r:02d}.nii.gz", disk(n, 2 + r).astype(np.uint8), aff)
     return root
-
-
-def needs_shared(*parts: str) -> pytest.MarkDecorator:
-    """Skip unless ``../shared/data/<parts>`` exists (the real data is not part of the repository)."""
-    return pytest.mark.skipif(not SHARED.joinpath(*parts).is_dir(), reason=f"{SHARED.joinpath(*parts)} absent")

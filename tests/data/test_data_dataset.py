@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_builders import disk
 from torch.utils.data import DataLoader
 
 from proseg.data.augment import AugmentConfig, augment_pair
 from proseg.data.dataset import MultiRaterDataset, seed_worker
 from proseg.data.prepare import prepare
 from proseg.data.store import open_store
+from tests.data.data_builders import disk
 
 
 @pytest.fixture(scope="module")

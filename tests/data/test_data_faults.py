@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import disk, make_lidc_pickle, make_npc
 from typer.testing import CliRunner
 
 from proseg.cli.main import app
@@ -27,6 +26,7 @@ from proseg.data import DataError
 from proseg.data.prepare import prepare
 from proseg.data.readers import list_cases, read_samples
 from proseg.data.store import open_store
+from tests.data.data_builders import disk, make_lidc_pickle, make_npc
 
 runner = CliRunner()
 SYN = ("--cases", "8", "--size", "32", "--raters", "2", "--folds", "2", "-q")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import disk, make_lidc_pickle, write_nifti, write_png
 
 from proseg.data import DataError
 from proseg.data.io import (
@@ -27,6 +26,7 @@ from proseg.data.io import (
 )
 from proseg.data.npyfile import read_npy_header
 from proseg.data.safe_pickle import safe_load_pickle
+from tests.data.data_builders import disk, make_lidc_pickle, write_nifti, write_png
 
 
 def test_png_roundtrip_and_truncated(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import make_lidc_kaggle, make_npc, make_qubiq, write_png
 from typer.testing import CliRunner
 
 from proseg.cli.main import app
@@ -17,6 +16,7 @@ from proseg.data.preprocess import INTENSITY_MODES, canonical_intensity, recorde
 from proseg.data.splits import make_splits
 from proseg.data.store import open_store
 from proseg.errors import ProsegWarning
+from tests.data.data_builders import make_lidc_kaggle, make_npc, make_qubiq, write_png
 
 runner = CliRunner()
 
@@ -68,7 +68,7 @@ def test_cli_prepare_info_lidc_kaggle(tmp_path: Path) -> None:
     st = json.loads(_run("info", out, "--json", "--verify"))
     assert st["patients"] == 4 and st["checksums_ok"] is True
     # raters are disks of radius 1+r(+1): Dice of rater 0 vs 1 per slice is hand-computable
-    from data_builders import disk
+    from tests.data.data_builders import disk
 
     def dice(a: np.ndarray, b: np.ndarray) -> float:
         return 2 * (a & b).sum() / (a.sum() + b.sum())

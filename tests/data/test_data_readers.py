@@ -8,10 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import disk, make_lidc_kaggle, make_lidc_pickle, make_npc, make_qubiq, write_nifti, write_png
 
 from proseg.data import DataError
 from proseg.data.readers import list_cases, read_samples
+from tests.data.data_builders import (
+    disk,
+    make_lidc_kaggle,
+    make_lidc_pickle,
+    make_npc,
+    make_qubiq,
+    write_nifti,
+    write_png,
+)
 
 
 # ---- LIDC Kaggle PNG tree ----------------------------------------------------------------------------------------

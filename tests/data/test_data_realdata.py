@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_builders import SHARED, needs_shared
 from typer.testing import CliRunner
 
 from proseg.cli.main import app
 from proseg.data.store import open_store
+from tests.data.data_builders import SHARED, needs_shared
 
 runner = CliRunner()
 LIDC_PATIENTS = ("LIDC-IDRI-0003", "LIDC-IDRI-0004", "LIDC-IDRI-0007")

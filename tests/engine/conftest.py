@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_helpers.py
-
-from engine_helpers import REPO, TRAIN_FAST, ok  # noqa: E402
+from tests.engine.engine_helpers import REPO, TRAIN_FAST, ok
 
 
 @pytest.fixture(scope="session")

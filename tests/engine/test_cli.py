@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from engine_helpers import REPO, TRAIN_FAST, fails, is_root, ok
 from PIL import Image
 
 from proseg.data.store import open_store
 from proseg.models import load_model
+from tests.engine.engine_helpers import REPO, TRAIN_FAST, fails, is_root, ok
 
 
 def _sha(p: Path) -> str:

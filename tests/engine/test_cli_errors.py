@@ -10,7 +10,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from engine_helpers import cli, fails, ok
+
+from tests.engine.engine_helpers import cli, fails, ok
 
 
 def _out(res: object) -> str:

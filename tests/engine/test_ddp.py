@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from engine_helpers import TRAIN_FAST, TinyConvModel, ok, threads, toy_data
 
 from proseg.engine.config import load_config
 from proseg.engine.trainer import Trainer
+from tests.engine.engine_helpers import TRAIN_FAST, TinyConvModel, ok, threads, toy_data
 
 OVERRIDES = ["train.batch_size=8", "train.log_every=1", "train.device=cpu", "optim.lr=0.05", "train.epochs=2",
              "optim.warmup_steps=1"]

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import REPO, TRAIN_FAST, ok, threads
 from safetensors.torch import load_file
+
+from tests.engine.engine_helpers import REPO, TRAIN_FAST, ok, threads
 
 STEPS = 12
 ARGS = ["-c", str(REPO / "configs" / "synthetic" / "proseg.yaml"), *TRAIN_FAST, f"train.max_steps={STEPS}",

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from engine_helpers import REPO, TRAIN_FAST, ok
 
+from tests.engine.engine_helpers import REPO, TRAIN_FAST, ok
+from tests.shared_data import SHARED
 
-def _shared() -> Path:
-    env = os.environ.get("PROSEG_SHARED_DATA")
-    return Path(env) if env else REPO / ".." / "shared" / "data"
-
-
-QUBIQ = _shared() / "qubiq-brain-growth"
+QUBIQ = SHARED / "qubiq-brain-growth"
 
 
 @pytest.mark.realdata

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import REPO, TRAIN_FAST, TinyConvModel, cli, fails, ok, toy_data
 from safetensors.torch import load_file, save_file
 
 import proseg.engine.checkpoint as ckpt_mod
@@ -23,6 +22,7 @@ from proseg.engine.config import load_config
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.trainer import Trainer
 from proseg.errors import CheckpointError, ConfigError, NonFiniteLossError
+from tests.engine.engine_helpers import REPO, TRAIN_FAST, TinyConvModel, cli, fails, ok, toy_data
 
 BASE = ["train.batch_size=8", "train.log_every=1", "train.device=cpu", "optim.lr=0.01", "optim.warmup_steps=0"]
 CONFIG = REPO / "configs" / "synthetic" / "proseg.yaml"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TinyConvModel, toy_data
 
 from proseg.engine import checkpoint as ckpt
 from proseg.engine.config import load_config
@@ -16,6 +15,7 @@ from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.schedule import lr_factor
 from proseg.engine.trainer import Trainer
 from proseg.errors import NonFiniteLossError
+from tests.engine.engine_helpers import TinyConvModel, toy_data
 
 BASE = ["train.batch_size=8", "train.log_every=1", "train.device=cpu", "optim.lr=0.01", "train.deterministic=true",
         "optim.warmup_steps=2"]

@@ -4,7 +4,7 @@ The published files are not part of this repository; pass their paths (e.g. from
 ``git show 5ac653f:ProSeg/code/lib/metrics_set.py`` of github.com/AI4MOL/ProSeg and
 ``git show c43f3b3:utils.py`` of github.com/baumgach/PHiSeg-code)::
 
-    python tests/metrics/make_reference_fixture.py --dpersona /tmp/metrics_set.py \
+    python -m tests.metrics.make_reference_fixture --dpersona /tmp/metrics_set.py \
         --phiseg /tmp/phiseg_utils.py --out tests/metrics/reference_fixture.json
 
 ``metrics_set.py`` is imported unmodified. From PHiSeg's ``utils.py`` only ``ncc``,
@@ -20,7 +20,6 @@ import ast
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,8 +27,7 @@ import numpy as np
 import scipy
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference_cases as rc  # noqa: E402
+from tests.metrics import reference_cases as rc
 
 
 def _load_module(path: Path, name: str):  # noqa: ANN202

@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 
 import pytest
-import reference_cases as rc
 
 from proseg.metrics import case_metrics
+from tests.metrics import reference_cases as rc
 
 FIXTURE = json.loads((Path(__file__).resolve().parent / "reference_fixture.json").read_text())["cases"]
 TOL = 1e-6

@@ -1,0 +1,1 @@
+"""proseg test suite (a package: helpers are imported as tests.<folder>.<module>)."""
