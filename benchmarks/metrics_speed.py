@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from proseg.metrics import case_metrics
+from proseg.metrics import DEFAULT_THRESHOLDS, case_metrics
 
 CONFIGS: tuple[tuple[int, int, tuple[int, ...]], ...] = (
     (4, 4, (128, 128)),
@@ -60,7 +60,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / float(total)
 
 
-def loop_metrics(labels: np.ndarray, preds: np.ndarray, thresholds=(0.1, 0.3, 0.5, 0.7, 0.9)) -> dict:  # noqa: ANN001
+def loop_metrics(labels: np.ndarray, preds: np.ndarray, thresholds=DEFAULT_THRESHOLDS) -> dict:  # noqa: ANN001
     lab = labels.reshape(len(labels), -1).astype(bool)
     soft = preds.reshape(len(preds), -1)
     prd = soft > 0.5

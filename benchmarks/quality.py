@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from proseg.metrics import CONVENTIONS
+
 REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_MODELS = [
@@ -185,7 +187,7 @@ def floors_and_ceiling(args: argparse.Namespace, store: Any, k: int) -> list[dic
             "floor: train mean mask": mean_mask.expand(k, *spatial).clone() if len(spatial) == 2
             else mean_mask.expand(k, *spatial).clone(),
         }
-        for conv in ("standard", "reference"):
+        for conv in CONVENTIONS:
             for label, p in preds.items():
                 for mode, pp in (("diverse", p), ("personalized", p[:1].expand(n, *spatial))):
                     rec = case_metrics(labels, pp, convention=conv, estimator="v")
@@ -331,7 +333,7 @@ def main() -> None:
         order += sorted({r["label"] for r in records if r["label"].startswith(("floor", "ceiling"))})
         flags = all_drew(store, {str(r["case_id"]) for r in records})
         subsets = ["all"] + (["all raters drew", "some rater empty"] if args.dataset == "lidc" else [])
-        for conv in ("standard", "reference"):
+        for conv in CONVENTIONS:
             for subset in subsets:
                 for mode, keys in (("diverse", DIVERSE_KEYS), ("personalized", PERSONAL_KEYS)):
                     if mode == "personalized" and not personalized_at(args, k):

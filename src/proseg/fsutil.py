@@ -94,6 +94,11 @@ _OLD_LEAF = "x"
 _TMP_TAG = ".tmp-"  # staged_dir's work folder: .NAME.tmp-XXXX
 
 
+def is_displaced(path: Path) -> bool:
+    """Whether ``path`` is the hidden copy ``.NAME.old-XXXX/x`` that :func:`swap_in_dir` keeps of a replaced folder."""
+    return path.name == _OLD_LEAF and _OLD_TAG in path.parent.name and path.parent.name.startswith(".")
+
+
 def displaced_dir(out: Path) -> Path | None:
     """The complete previous ``out`` that a :func:`swap_in_dir` interrupted between its two renames left in
     ``.out.old-XXXX/x`` (the newest when there are several), or None. Only meaningful while ``out`` is missing."""

@@ -51,6 +51,7 @@ def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file() and not force:
             raise FileExistsError(f"{out}: exists and is not a demo folder (use --force or another --out)")
+        check_writable(out)  # before deleting anything: an unwritable folder must stay whole
         for name in ("runs", "figures", "report.md", MARKER):  # a previous demo: replace its results
             p = out / name
             if p.is_dir():

@@ -16,7 +16,6 @@ load and check the checkpoint and the data (:func:`load_inputs`), sample and sco
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 from proseg.data.splits import PARTS as SPLITS
 from proseg.data.store import Store
-from proseg.engine.checkpoint import git_commit, manifest_checksum, resolve_checkpoint, run_dir_of
+from proseg.engine.checkpoint import CONFIG_FILE, git_commit, manifest_checksum, resolve_checkpoint, run_dir_of
 from proseg.engine.compat import check_dataset_matches
 from proseg.engine.config import Config, EvalConfig, load_config
 from proseg.engine.data import case_loader, open_dataset
@@ -39,7 +38,7 @@ from proseg.jsonio import dumps
 from proseg.metrics import CONVENTIONS, ESTIMATORS
 from proseg.metrics.aggregate import aggregate, write_records_csv
 from proseg.models import load_model
-from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME, MultiRaterModel
+from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, read_model_meta
 from proseg.viz.figures import case_figure
 
 SUMMARY_KEYS = ("ged", "dice_soft", "dice_max", "dice_match", "ci_score")
@@ -112,7 +111,7 @@ def evaluate_checkpoint(
     info = env_dist_info()
     ckpt_dir = resolve_checkpoint(checkpoint)
     run = run_dir_of(ckpt_dir)
-    run_cfg = load_config(run / "config.yaml") if run is not None else None
+    run_cfg = load_config(run / CONFIG_FILE) if run is not None else None
     opts = resolve_options(
         ckpt_dir, run_cfg, data, split=split, fold=fold, out=out, num_samples=num_samples, conventions=conventions,
         estimator=estimator, thresholds=thresholds, seed=seed, num_figures=num_figures, batch_size=batch_size,
@@ -181,7 +180,7 @@ def load_inputs(ckpt_dir: Path, run_cfg: Config | None, opts: EvalOptions, modes
     store = open_dataset(str(opts.data))
     model = load_model(ckpt_dir, map_location=dev)
     model.to(dev).eval()
-    meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
+    meta = read_model_meta(ckpt_dir)
     use_modes = _choose_modes(model, modes, run_cfg)
     data_warnings = check_dataset_matches(meta.get("dataset"), store, in_channels=model.in_channels,
                                           num_raters=model.num_raters, modes=use_modes,

@@ -18,7 +18,6 @@ an existing ``OUTPUT`` is replaced only with ``force``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from proseg.fsutil import check_writable, sha256_file, staged_dir
 from proseg.jsonio import dumps
 from proseg.metrics.uncertainty import diverse_uncertainty, uncertainty_maps
 from proseg.models import load_model
-from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME, MultiRaterModel
+from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, read_model_meta
 
 
 @torch.inference_mode()
@@ -85,7 +84,7 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     ckpt_dir = resolve_checkpoint(checkpoint)
     files = list_inputs(inp)
     model = load_model(ckpt_dir, map_location=device)  # validates model.json and the weights, eval mode
-    meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
+    meta = read_model_meta(ckpt_dir)
     dataset = meta.get("dataset") or {}
     prep_meta = dataset.get("preprocessing") or {}
     model.to(device)

@@ -47,9 +47,17 @@ import numpy as np
 import torch
 
 from proseg.errors import CheckpointError, CommandError, disk_full_message, is_disk_full
-from proseg.fsutil import atomic_write_bytes, displaced_dir, empty_dir, recover_dir, sha256_file, staged_dir
+from proseg.fsutil import (
+    atomic_write_bytes,
+    displaced_dir,
+    empty_dir,
+    is_displaced,
+    recover_dir,
+    sha256_file,
+    staged_dir,
+)
 from proseg.models import save_model
-from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME
+from proseg.models.base import CONFIG_NAME, WEIGHTS_NAME, read_model_meta
 
 STATE_NAME = "state.pt"
 CONFIG_FILE = "config.yaml"  # the resolved configuration of a run
@@ -118,8 +126,8 @@ def load_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str
 def checkpoint_step(directory: Path) -> int | None:
     """The training step recorded in ``directory/model.json`` (None when there is no readable one)."""
     try:
-        step = json.loads((directory / CONFIG_NAME).read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
+        step = read_model_meta(directory).get("step")
+    except (OSError, ValueError):  # FileNotFoundError, CheckpointError: no readable model.json
         return None
     return int(step) if isinstance(step, int) else None
 
@@ -312,7 +320,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 def run_dir_of(checkpoint: Path) -> Path | None:
     """The run directory a checkpoint belongs to (it has ``config.yaml`` and ``run.json``), or None."""
     cands = [checkpoint, checkpoint.parent, checkpoint.parent.parent]
-    if ".old-" in checkpoint.parent.name:  # a displaced copy: RUN/checkpoints/.last.old-XXXX/x
+    if is_displaced(checkpoint):  # a displaced copy: RUN/checkpoints/.last.old-XXXX/x
         cands.append(checkpoint.parent.parent.parent)
     for cand in cands:
         if all((cand / f).is_file() for f in RUN_FILES):

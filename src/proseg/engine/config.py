@@ -30,6 +30,7 @@ import yaml
 
 from proseg.data.augment import AugmentConfig
 from proseg.errors import ConfigError
+from proseg.metrics import CONVENTIONS, DEFAULT_THRESHOLDS, ESTIMATORS
 from proseg.models import get_model_class
 
 
@@ -172,7 +173,7 @@ class EvalConfig:
     num_samples: int = 16
     conventions: tuple[str, ...] = ("standard",)
     estimator: str = "v"
-    thresholds: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     seed: int = 0
     batch_size: int = 32
     num_figures: int = 4
@@ -200,11 +201,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.val_mode": ("auto", "personalized", "diverse"),
-    "eval.estimator": ("v", "u"),
+    "eval.estimator": ESTIMATORS,
 }
 _MULTI_CHOICES: dict[str, tuple[str, ...]] = {
     "eval.modes": ("personalized", "diverse"),
-    "eval.conventions": ("standard", "reference"),
+    "eval.conventions": CONVENTIONS,
 }
 
 

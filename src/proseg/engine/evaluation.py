@@ -29,7 +29,7 @@ from proseg.engine.distributed import all_gather_objects
 from proseg.engine.seeding import case_seed
 from proseg.engine.types import CaseData
 from proseg.errors import ConfigError, DataError
-from proseg.metrics import case_metrics
+from proseg.metrics import DEFAULT_THRESHOLDS, case_metrics
 from proseg.models.base import MultiRaterModel, NotSupportedError
 
 MODES = ("personalized", "diverse")
@@ -45,12 +45,8 @@ def case_generator(seed: int, case_id: str, device: torch.device) -> torch.Gener
 
 
 def supports(model: MultiRaterModel, mode: str) -> bool:
-    """Whether the model has ``mode``: its ``supports_<mode>`` flag, else whether it overrides the base method."""
-    flag = getattr(model, f"supports_{mode}", None)
-    if flag is not None:
-        return bool(flag)
-    name = "sample_personalized" if mode == "personalized" else "sample_diverse"
-    return getattr(type(model), name) is not getattr(MultiRaterModel, name)
+    """Whether the model has ``mode``: its ``supports_<mode>`` flag (every :class:`MultiRaterModel` has both)."""
+    return bool(getattr(model, f"supports_{mode}", False))
 
 
 def resolve_modes(model: MultiRaterModel, modes: Sequence[str], strict: bool) -> list[str]:
@@ -115,7 +111,7 @@ def evaluate_cases(
     num_samples: int,
     conventions: Sequence[str] = ("standard",),
     estimator: str = "v",
-    thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     seed: int = 0,
     batch_size: int = 32,
     keep: set[str] | None = None,

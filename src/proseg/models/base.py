@@ -326,6 +326,26 @@ def read_weights(file: str | os.PathLike[str], device: str | torch.device = "cpu
     return state
 
 
+def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``model.json`` of a checkpoint directory: ``{"model": create_model config, "proseg_version", ...,
+    plus what the trainer recorded (step, val_score, dataset)}``.
+
+    Raises FileNotFoundError when it is missing, CheckpointError naming the file when it is not a proseg model
+    config (bad JSON, not UTF-8, no ``model`` entry with a ``name``).
+    """
+    cfg_file = Path(directory) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: missing; a proseg checkpoint directory holds {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}")
+    try:
+        meta = json.loads(cfg_file.read_text())
+        meta["model"] = dict(meta["model"])
+        meta["model"]["name"]  # noqa: B018 (must be there)
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise CheckpointError(f"{cfg_file}: not a proseg model config ({type(exc).__name__}: {exc})") from exc
+    return meta
+
+
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MultiRaterModel:
     """Rebuild a model from a directory holding ``model.json`` + ``model.safetensors`` (strict load).
 
@@ -346,12 +366,8 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing; a proseg checkpoint directory holds {CONFIG_NAME} and "
                                     f"{WEIGHTS_NAME}")
-    try:
-        meta = json.loads(cfg_file.read_text())
-        cfg = dict(meta["model"])
-        name = cfg["name"]
-    except (KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise CheckpointError(f"{cfg_file}: not a proseg model config ({type(exc).__name__}: {exc})") from exc
+    cfg = read_model_meta(directory)["model"]
+    name = cfg["name"]
     try:
         model = create_model(**cfg)
     except (ProsegError, KeyError, TypeError, ValueError) as exc:  # unknown name/preset, bad or unknown arguments
