@@ -100,18 +100,18 @@ def train_model(args: argparse.Namespace, label: str, name: str, preset: str, ov
     stats: dict[str, Any] = {"label": label, "model": name, "preset": preset, "budget_s": budget_s}
     if name == "dpersona":
         stage1, stage2 = run.with_name(label + "-stage1"), run
-        s1 = run_child(proseg_cmd("train", "-c", str(REPO / f"configs/{args.dataset}/dpersona_stage1.yaml"),
+        s1 = run_child(proseg_cmd("train", "-c", f"{args.dataset}/dpersona_stage1",
                                   "--data", str(args.data), "--out", str(stage1), "--fold", str(args.fold),
                                   f"train.time_budget_s={0.6 * budget_s:.0f}", *common),
                        args.out / "logs" / f"{label}-stage1-train.log")
-        s2 = run_child(proseg_cmd("train", "-c", str(REPO / f"configs/{args.dataset}/dpersona_stage2.yaml"),
+        s2 = run_child(proseg_cmd("train", "-c", f"{args.dataset}/dpersona_stage2",
                                   "--data", str(args.data), "--out", str(stage2), "--fold", str(args.fold),
                                   f"model.init_from={stage1 / 'checkpoints' / 'best'}",
                                   f"train.time_budget_s={0.4 * budget_s:.0f}", *common),
                        args.out / "logs" / f"{label}-stage2-train.log")
         stats.update(wall_s=s1["wall_s"] + s2["wall_s"], peak_rss_mib=max(s1["peak_rss_mib"], s2["peak_rss_mib"]))
     else:
-        s = run_child(proseg_cmd("train", "-c", str(REPO / f"configs/{args.dataset}/{name}.yaml"),
+        s = run_child(proseg_cmd("train", "-c", f"{args.dataset}/{name}",
                                  "--data", str(args.data), "--out", str(run), "--fold", str(args.fold),
                                  f"train.time_budget_s={budget_s:.0f}", *common),
                       args.out / "logs" / f"{label}-train.log")
@@ -272,7 +272,7 @@ def table(records: list[dict[str, Any]], mode: str, conv: str, keys: tuple[str, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=("lidc", "qubiq", "synthetic", "npc"), required=True,
-                    help="selects configs/<dataset>/<model>.yaml")
+                    help="selects the shipped config <dataset>/<model> (proseg config list)")
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset (proseg prepare)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="label=name[:preset][|key=value...]")

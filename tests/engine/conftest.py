@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.engine_helpers import REPO, TRAIN_FAST, ok
+from tests.engine.engine_helpers import TRAIN_FAST, ok
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +21,6 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def proseg_run(tmp_path_factory: pytest.TempPathFactory, synth: Path) -> Path:
     """A ProSeg (tiny) run of 4 steps on ``synth``."""
     run = tmp_path_factory.mktemp("runs") / "proseg"
-    ok("train", "-c", REPO / "configs" / "synthetic" / "proseg.yaml", "--data", synth, "--out", run, "--fold", "0",
+    ok("train", "-c", "synthetic/proseg", "--data", synth, "--out", run, "--fold", "0",
        *TRAIN_FAST, "train.max_steps=4")
     return run

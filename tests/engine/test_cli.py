@@ -15,7 +15,7 @@ from PIL import Image
 
 from proseg.data.store import open_store
 from proseg.models import load_model
-from tests.engine.engine_helpers import REPO, TRAIN_FAST, fails, is_root, ok
+from tests.engine.engine_helpers import TRAIN_FAST, fails, is_root, ok
 
 
 def _sha(p: Path) -> str:
@@ -170,7 +170,7 @@ def test_score_choices_are_the_metrics_constants() -> None:
 
 def test_model_without_personalized_output_falls_back_clearly(synth: Path, tmp_path: Path) -> None:
     run = tmp_path / "pu"
-    ok("train", "-c", REPO / "configs" / "synthetic" / "prob_unet.yaml", "--data", synth, "--out", run,
+    ok("train", "-c", "synthetic/prob_unet", "--data", synth, "--out", run,
        *TRAIN_FAST, "train.max_steps=1")
     store = open_store(synth)
     nib.save(nib.Nifti1Image(np.asarray(store.images[0, 0]), np.eye(4)), tmp_path / "x.nii.gz")
@@ -274,7 +274,7 @@ def test_predict_hdf5_case_with_a_three_channel_model(other_data: dict[str, Path
     import h5py
 
     run = tmp_path / "rgb-run"
-    ok("train", "-c", REPO / "configs" / "npc" / "proseg.yaml", "--data", other_data["rgb"], "--out", run,
+    ok("train", "-c", "npc/proseg", "--data", other_data["rgb"], "--out", run,
        *TRAIN_FAST, "train.max_steps=1", "train.batch_size=2")
     rng = np.random.default_rng(0)
     with h5py.File(tmp_path / "Sample_1.h5", "w") as f:  # an NPC-170 style 3D case: t1, t1c, t2 of D x H x W
@@ -315,10 +315,10 @@ def test_demo_end_to_end_tiny(tmp_path: Path) -> None:
 
 def test_dpersona_stage_two_starts_from_stage_one(synth: Path, tmp_path: Path) -> None:
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    ok("train", "-c", REPO / "configs" / "synthetic" / "dpersona_stage1.yaml", "--data", synth, "--out", s1,
+    ok("train", "-c", "synthetic/dpersona_stage1", "--data", synth, "--out", s1,
        *TRAIN_FAST, "train.max_steps=1")
     assert json.loads((s1 / "val.jsonl").read_text().splitlines()[-1])["mode"] == "diverse"
-    ok("train", "-c", REPO / "configs" / "synthetic" / "dpersona_stage2.yaml", "--data", synth, "--out", s2,
+    ok("train", "-c", "synthetic/dpersona_stage2", "--data", synth, "--out", s2,
        *TRAIN_FAST, "train.max_steps=1", f"model.init_from={s1}")
     # stage 2 has trained: validation (and evaluation) use the personalized output
     assert json.loads((s2 / "val.jsonl").read_text().splitlines()[-1])["mode"] == "personalized"
@@ -326,5 +326,5 @@ def test_dpersona_stage_two_starts_from_stage_one(synth: Path, tmp_path: Path) -
     b = load_model(s2 / "checkpoints" / "last").state_dict()
     frozen = [k for k in a if "prior" in k and k.endswith("weight")]
     assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)  # stage 1 weights carried over, frozen
-    fails("train", "-c", REPO / "configs" / "synthetic" / "prob_unet.yaml", "--data", synth, "--out",
+    fails("train", "-c", "synthetic/prob_unet", "--data", synth, "--out",
           tmp_path / "bad", *TRAIN_FAST, "train.max_steps=1", f"model.init_from={s1}", match="do not fit")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from proseg.engine.config import (
+    CONFIG_DIR,
     Config,
     apply_overrides,
     config_from_dict,
@@ -15,8 +16,6 @@ from proseg.engine.config import (
     validate_config,
 )
 from proseg.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_and_overrides_typed() -> None:
@@ -97,7 +96,7 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
-    files = sorted((REPO / "configs").rglob("*.yaml"))
+    files = sorted(CONFIG_DIR.rglob("*.yaml"))
     datasets = {p.parent.name for p in files}
     assert {"lidc", "qubiq", "npc", "synthetic"} <= datasets
     models = {load_config(p).model.name for p in files}

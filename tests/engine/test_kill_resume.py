@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engine.engine_helpers import REPO, TRAIN_FAST, ok, threads
+from tests.engine.engine_helpers import TRAIN_FAST, ok, threads
 
 STEPS = 12
-ARGS = ["-c", str(REPO / "configs" / "synthetic" / "proseg.yaml"), *TRAIN_FAST, f"train.max_steps={STEPS}",
+ARGS = ["-c", "synthetic/proseg", *TRAIN_FAST, f"train.max_steps={STEPS}",
         "train.epochs=100", "train.checkpoint_every=2", "train.deterministic=true", "train.val_every=100",
         "data.augment=true"]
 

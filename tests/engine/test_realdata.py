@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.engine.engine_helpers import REPO, TRAIN_FAST, ok
+from tests.engine.engine_helpers import TRAIN_FAST, ok
 from tests.shared_data import SHARED
 
 QUBIQ = SHARED / "qubiq-brain-growth"
@@ -20,7 +20,7 @@ QUBIQ = SHARED / "qubiq-brain-growth"
 def test_qubiq_train_evaluate_predict_keeps_the_affine(tmp_path: Path) -> None:
     data, run = tmp_path / "qubiq", tmp_path / "run"
     ok("prepare", "qubiq", QUBIQ, data)
-    ok("train", "-c", REPO / "configs" / "qubiq" / "proseg.yaml", "--data", data, "--out", run, *TRAIN_FAST,
+    ok("train", "-c", "qubiq/proseg", "--data", data, "--out", run, *TRAIN_FAST,
        "train.max_steps=2")
     assert json.loads((run / "checkpoints" / "best" / "model.json").read_text())["model"]["num_raters"] == 7
     ok("evaluate", run, "--samples", "2", "--max-cases", "2", "--figures", "1", "--out", tmp_path / "ev")

@@ -22,10 +22,10 @@ from proseg.engine.config import load_config
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.trainer import Trainer
 from proseg.errors import CheckpointError, ConfigError, NonFiniteLossError
-from tests.engine.engine_helpers import REPO, TRAIN_FAST, TinyConvModel, cli, fails, ok, toy_data
+from tests.engine.engine_helpers import TRAIN_FAST, TinyConvModel, cli, fails, ok, toy_data
 
 BASE = ["train.batch_size=8", "train.log_every=1", "train.device=cpu", "optim.lr=0.01", "optim.warmup_steps=0"]
-CONFIG = REPO / "configs" / "synthetic" / "proseg.yaml"
+CONFIG = "synthetic/proseg"
 
 
 def _trainer(run: Path, overrides: list[str], resume: bool = False, val: int = 4, cls: type = Trainer) -> Trainer:

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from proseg.cli.adapt import adapt
+from proseg.cli.config import config
 from proseg.cli.demo import demo
 from proseg.cli.evaluate import evaluate
 from proseg.cli.info import info
 from proseg.cli.predict import predict
 from proseg.cli.prepare import prepare
 from proseg.cli.score import score
+from proseg.cli.summarize import summarize
 from proseg.cli.train import train
 from proseg.cli.version import version
 
@@ -24,7 +27,10 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "info": info,
     "score": score,
     "train": train,
+    "adapt": adapt,
+    "config": config,
     "evaluate": evaluate,
+    "summarize": summarize,
     "predict": predict,
     "demo": demo,
 }

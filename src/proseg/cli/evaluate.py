@@ -12,10 +12,11 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="A run directory (its best checkpoint) or a checkpoint directory."),
     data: Optional[Path] = typer.Option(  # noqa: UP045 (typer needs Optional on py3.10)
         None, "--data", help="Prepared dataset (default: the run's data.path)."),
-    split: str = typer.Option("test", "--split", help="train, val or test part of the fold."),
-    fold: Optional[int] = typer.Option(None, "--fold", help="Fold (default: the run's)."),  # noqa: UP045
+    split: str = typer.Option(
+        "test", "--split", help="train, val or test part of the fold, or all (every case; e.g. an external dataset)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Fold (default: the run's; unused with --split all)."),  # noqa: UP045
     out: Optional[Path] = typer.Option(  # noqa: UP045
-        None, "--out", "-o", help="Output folder (default: RUN/eval/<split>-fold<k>)."),
+        None, "--out", "-o", help="Output folder (default: RUN/eval/<split>-fold<k>, or RUN/eval/all-<dataset>)."),
     mode: str = typer.Option("auto", "--mode",
                              help="personalized, diverse, both, or auto (the run's eval.modes the model has)."),
     samples: Optional[int] = typer.Option(  # noqa: UP045
@@ -31,7 +32,7 @@ def evaluate(
     max_cases: int = typer.Option(0, "--max-cases", help="Evaluate only the first N cases (0 = all)."),
     case_stride: int = typer.Option(
         1, "--case-stride", help="Evaluate every N-th case (a systematic sample of all patients); before --max-cases."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Sample K predictions per case and score them; writes metrics.json, cases.csv and figures.

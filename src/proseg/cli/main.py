@@ -11,12 +11,23 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from proseg.cli.version import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show the traceback of every failure (or PROSEG_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                 help="Print the proseg, torch and Python versions and exit."),
 ) -> None:
     """Probabilistic multi-rater medical image segmentation."""
     from proseg.cli.errors import set_debug
@@ -29,7 +40,10 @@ def _register() -> None:
     from proseg.cli import commands
 
     for name, func in commands.COMMANDS.items():
-        app.command(name)(func)
+        if isinstance(func, typer.Typer):  # a command group (proseg config list / show)
+            app.add_typer(func, name=name)
+        else:
+            app.command(name)(func)
 
 
 _register()

@@ -15,8 +15,20 @@ def predict(
     save_samples: bool = typer.Option(False, "--save-samples", help="Also write the K samples."),
     threshold: float = typer.Option(0.5, "--threshold", help="Probability threshold of the binary masks."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (per input: seeded from (seed, file name))."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    intensity: str | None = typer.Option(
+        None, "--intensity", help="Override the checkpoint's intensity mode for inputs in other units "
+        "(none | uint8 | minmax | zscore | window | percentile)."),
+    window: str | None = typer.Option(
+        None, "--window", help="LO,HI: clip raw inputs to [LO, HI] (e.g. HU -1000,400) and map to [0, 1]; for a "
+        "model trained on windowed 8-bit images, the window those images were made with."),
+    percentiles: str | None = typer.Option(None, "--percentiles", help="P_LO,P_HI of --intensity percentile."),
+    roi: str | None = typer.Option(
+        None, "--roi", help="y0,x0,h,w: predict only this crop of every slice (zeros outside)."),
+    resample: bool = typer.Option(
+        False, "--resample", help="NIfTI: resample to the training voxel size (or --spacing), maps back."),
+    spacing: str | None = typer.Option(None, "--spacing", help="X,Y[,Z] mm: the voxel size --resample targets."),
 ) -> None:
     """Predict in the input's format and geometry (NIfTI keeps its affine); nothing is left half-written."""
     from proseg.cli.errors import user_errors
@@ -25,7 +37,9 @@ def predict(
         from proseg.commands.predict import predict_path
 
         report = predict_path(checkpoint, input, output, num_samples=samples, seed=seed, save_samples=save_samples,
-                              threshold=threshold, force=force, device=device)
+                              threshold=threshold, force=force, device=device, progress=True,
+                              intensity=intensity, window=window, percentiles=percentiles, roi=roi,
+                              resample=resample, spacing=spacing)
         for note in report["notes"]:
             typer.echo(f"note: {note}", err=True)
         n = sum(len(v["files"]) for v in report["inputs"].values())

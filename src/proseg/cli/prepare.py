@@ -14,7 +14,15 @@ def prepare(
     src: str = typer.Argument(..., help="Source folder/file (for synthetic: the integer seed)."),
     out: Path = typer.Argument(..., help="Output dataset folder (must not exist unless --force)."),
     size: int | None = typer.Option(None, help="Target side: pad to square, then resize (nearest for masks)."),
-    intensity: str = typer.Option("auto", help="auto | none | uint8 | minmax | zscore (auto: /255 for 8-bit)."),
+    intensity: str = typer.Option(
+        "auto", help="auto | none | uint8 | minmax | zscore | window | percentile (auto: /255 for 8-bit)."
+    ),
+    window: str | None = typer.Option(
+        None, "--window", help="LO,HI: clip to [LO, HI] in source units (CT HU, e.g. -1000,400), map to [0, 1]."
+    ),
+    percentiles: str | None = typer.Option(
+        None, "--percentiles", help="P_LO,P_HI: per-case percentile clip to [0, 1] (default 0.5,99.5)."
+    ),
     rater_order: str = typer.Option("as-stored", help="as-stored | area-ranked (LIDC papers' convention)."),
     folds: int = typer.Option(4, help="Number of patient-level folds."),
     val_fraction: float = typer.Option(0.1, help="Share of each training fold's patients used for validation."),
@@ -24,6 +32,13 @@ def prepare(
     ),
     patients: list[str] | None = typer.Option(
         None, "--patients", help="Only patients matching these glob patterns (repeatable or comma-separated)."
+    ),
+    splits: Path | None = typer.Option(
+        None, "--splits", help="Use this split instead of random folds: a splits.json, a {train, val, test} JSON/YAML, "
+        "or patient,part CSV/TSV (see docs/data.md)."
+    ),
+    allow_unlisted: bool = typer.Option(
+        False, "--allow-unlisted", help="With --splits: allow source patients that are in no part of a fold."
     ),
     force: bool = typer.Option(
         False, "--force", help="Replace an existing OUT: only a dataset written by proseg prepare, or an empty folder."
@@ -58,23 +73,26 @@ def prepare(
         synthetic_options = {"cases": cases, "size": size or 64, "num_raters": raters, "channels": image_channels}
     pats = [p.strip() for item in (patients or []) for p in item.split(",") if p.strip()]
 
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="case", desc="prepare", leave=False)
+    bar = None  # a bar on a terminal, a plain `case N/M` line now and then in a log file (proseg.progress)
 
     def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(1)
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            from proseg.progress import Progress
+
+            bar = Progress(total, "prepare", "case", initial=done - 1)
+        bar.update(1)
 
     try:
         with user_errors(exit_code=1):
             res = run_prepare(
-                fmt, src, out, size=size, intensity=intensity, rater_order=rater_order, num_folds=folds,
+                fmt, src, out, size=size, intensity=intensity, window=window, percentiles=percentiles,
+                rater_order=rater_order, num_folds=folds,
                 val_fraction=val_fraction, seed=seed, allow_missing_raters=allow_missing_raters,
-                patients=pats or None, force=force, workers=workers, reader_options=reader_options,
+                patients=pats or None, splits=splits, allow_unlisted=allow_unlisted, force=force, workers=workers,
+                reader_options=reader_options,
                 synthetic_options=synthetic_options, progress=progress,
             )
     finally:

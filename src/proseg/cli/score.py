@@ -82,7 +82,7 @@ def score(
     summary_csv: Annotated[
         Path | None, typer.Option("--summary-csv", help="Folder mode: also write mean ± std per metric to this CSV.")
     ] = None,
-    device: Annotated[str, typer.Option(help="Torch device for the computation, e.g. cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Score predictions against multi-rater labels with every metric (GED, Dice_soft, Dice_max, Dice_match, ...).
 
@@ -109,6 +109,8 @@ def _score(labels: Path, preds: Path, conv: str, est: str, json_output: bool, th
     from proseg.metrics.files import ScoreInputError, load_array, pair_folders
 
     ts = _parse_thresholds(thresholds)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():

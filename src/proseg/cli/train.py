@@ -13,7 +13,8 @@ import typer
 def train(
     overrides: Optional[list[str]] = typer.Argument(  # noqa: UP045 (typer needs Optional on py3.10)
         None, help="Dotted config overrides, e.g. train.epochs=5 optim.lr=3e-4 model.kl_weight=0.1."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),  # noqa: UP045
+    config: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--config", "-c", help="A shipped config by name (lidc/proseg; `proseg config list`) or a YAML file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared dataset (sets data.path)."),  # noqa: UP045
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory to create."),  # noqa: UP045
     fold: Optional[int] = typer.Option(None, "--fold", help="Cross-validation fold (sets data.fold)."),  # noqa: UP045
@@ -28,7 +29,7 @@ def train(
     same command; one with saved state is continued with ``--resume RUN`` or replaced with ``--force``.
 
     Examples:
-        proseg train -c configs/synthetic/proseg.yaml --data data/synth --out runs/proseg-f0 --fold 0
+        proseg train -c synthetic/proseg --data data/synth --out runs/proseg-f0 --fold 0
         proseg train --resume runs/proseg-f0
     """
     from proseg.cli.errors import user_errors

@@ -4,7 +4,8 @@ Writes into the output folder (all-or-nothing: a temp folder renamed at the end)
 
 * ``metrics.json``: per mode and convention the dataset mean ± std (ddof=0) of every metric
   (:func:`proseg.metrics.aggregate`), with the estimator, K, thresholds, the checkpoint's sha256, the dataset's
-  manifest checksum, split and fold;
+  manifest checksum, split and fold (``split`` ``all``: every case of the store, ``fold`` null; for scoring a
+  store prepared from other patients, an external test set);
 * ``cases.csv``: one row per (case, mode, convention);
 * ``figures/<case>.png`` for the first ``num_figures`` cases (:func:`proseg.viz.figures.case_figure`).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from proseg.engine.data import case_loader, open_dataset
 from proseg.engine.distributed import DistInfo, barrier, env_dist_info, init_distributed, resolve_device
 from proseg.engine.evaluation import MODES, evaluate_cases, resolve_modes, supports
 from proseg.engine.types import CaseData
-from proseg.errors import CommandError, DataError
+from proseg.errors import CommandError, DataError, ProsegWarning
 from proseg.fsutil import check_writable, sha256_file, staged_dir
 from proseg.jsonio import dumps
 from proseg.metrics import CONVENTIONS, ESTIMATORS
@@ -41,7 +43,12 @@ from proseg.models import load_model
 from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, read_model_meta
 from proseg.viz.figures import case_figure
 
+EVAL_SPLITS = (*SPLITS, "all")  # "all": every case of the store, whatever its folds
 SUMMARY_KEYS = ("ged", "dice_soft", "dice_max", "dice_match", "ci_score")
+SUMMARY_PER_RATER_KEYS = {"personalized": ("dice_per_rater", "dice_per_rater_matched")}
+"""Per mode, the per-rater metrics (``aggregate``'s ``per_rater``) the summary lists, one line each: for
+personalized mode the index-aligned per-rater Dice (rater r's prediction against rater r, the personalization
+number) and the Hungarian-matched one."""
 
 
 @dataclass
@@ -76,9 +83,12 @@ class EvalInputs:
     load_case: Callable[[str], CaseData]
 
 
-def default_output(ckpt_dir: Path, split: str, fold: int) -> Path:
+def default_output(ckpt_dir: Path, split: str, fold: int, data: str | os.PathLike[str] | None = None) -> Path:
+    """``RUN/eval/<split>-fold<k>``; for ``split="all"`` ``RUN/eval/all-<dataset folder name>``."""
     run = run_dir_of(ckpt_dir)
     base = run if run is not None else ckpt_dir
+    if split == "all":
+        return base / "eval" / f"all-{Path(data).name if data is not None else 'data'}"
     return base / "eval" / f"{split}-fold{fold}"
 
 
@@ -150,7 +160,7 @@ def resolve_options(ckpt_dir: Path, run_cfg: Config | None, data: str | os.PathL
     ev = run_cfg.eval if run_cfg is not None else EvalConfig()
     opts = EvalOptions(
         data=data, split=split, fold=fold,
-        out_dir=Path(out) if out is not None else default_output(ckpt_dir, split, fold),
+        out_dir=Path(out) if out is not None else default_output(ckpt_dir, split, fold, data),
         num_samples=ev.num_samples if num_samples is None else num_samples,
         conventions=tuple(ev.conventions if conventions is None else conventions),
         estimator=ev.estimator if estimator is None else estimator,
@@ -159,8 +169,8 @@ def resolve_options(ckpt_dir: Path, run_cfg: Config | None, data: str | os.PathL
         num_figures=ev.num_figures if num_figures is None else num_figures,
         batch_size=ev.batch_size if batch_size is None else batch_size,
         max_cases=max_cases, case_stride=case_stride)
-    if opts.split not in SPLITS:
-        raise CommandError(f"--split must be {', '.join(SPLITS[:-1])} or {SPLITS[-1]}, got {opts.split!r}")
+    if opts.split not in EVAL_SPLITS:
+        raise CommandError(f"--split must be {', '.join(EVAL_SPLITS[:-1])} or {EVAL_SPLITS[-1]}, got {opts.split!r}")
     if opts.num_samples < 1:
         raise CommandError(f"--samples must be >= 1, got {opts.num_samples}")
     for c in opts.conventions:
@@ -185,7 +195,9 @@ def load_inputs(ckpt_dir: Path, run_cfg: Config | None, opts: EvalOptions, modes
     data_warnings = check_dataset_matches(meta.get("dataset"), store, in_channels=model.in_channels,
                                           num_raters=model.num_raters, modes=use_modes,
                                           checkpoint=f"the checkpoint {ckpt_dir}")
-    if not 0 <= opts.fold < store.num_folds:
+    if opts.split == "all":
+        data_warnings += _whole_training_store(meta.get("dataset"), store)
+    elif not 0 <= opts.fold < store.num_folds:
         raise CommandError(f"--fold {opts.fold}: {store.path} has {store.num_folds} folds")
     load_case, cases_of = case_loader(store)
     cases = cases_of(store.rows(opts.fold, opts.split))
@@ -195,8 +207,19 @@ def load_inputs(ckpt_dir: Path, run_cfg: Config | None, opts: EvalOptions, modes
     if opts.max_cases:
         cases = cases[: opts.max_cases]
     if not cases:
-        raise DataError(f"{store.path}: the {opts.split} part of fold {opts.fold} is empty")
+        what = "no cases" if opts.split == "all" else f"the {opts.split} part of fold {opts.fold} is empty"
+        raise DataError(f"{store.path}: {what}")
     return EvalInputs(model, meta, store, use_modes, data_warnings, cases, load_case)
+
+
+def _whole_training_store(trained_on: dict[str, Any] | None, store: Store) -> list[str]:
+    """``--split all`` on the very store the checkpoint was trained on scores its training patients too: warn."""
+    if not trained_on or trained_on.get("manifest_sha256") != manifest_checksum(store.path):
+        return []
+    note = (f"--split all on {store.path}, the dataset the checkpoint was trained on: the scores include its training "
+            "patients (use --split test, or --split all on a dataset prepared from other patients)")
+    warnings.warn(note, ProsegWarning, stacklevel=3)
+    return [note]
 
 
 def _choose_modes(model: MultiRaterModel, modes: Sequence[str] | None, run_cfg: Config | None) -> list[str]:
@@ -226,7 +249,7 @@ def build_report(ckpt_dir: Path, opts: EvalOptions, loaded: EvalInputs, records:
         "dataset": str(loaded.store.path),
         "manifest_sha256": manifest_checksum(loaded.store.path),
         "split": opts.split,
-        "fold": opts.fold,
+        "fold": None if opts.split == "all" else opts.fold,
         "num_cases": len(loaded.cases),
         "case_stride": opts.case_stride,
         "max_cases": opts.max_cases,
@@ -260,17 +283,23 @@ def write_outputs(opts: EvalOptions, loaded: EvalInputs, report: dict[str, Any],
             k = kept.get(cid)
             if k is None:
                 continue
+            scores = {r["mode"]: r for r in records if r["case_id"] == cid and r["convention"] == opts.conventions[0]}
             case_figure(tmp / "figures" / f"{_safe_name(cid)}.png", k["image"], k["masks"], k["present"],
                         personalized=k.get("personalized"), diverse=k.get("diverse"),
-                        title=f"{name} | {cid} | K={opts.num_samples}", rater_names=loaded.store.rater_names)
+                        title=f"{name} | {cid} | K={opts.num_samples}", rater_names=loaded.store.rater_names,
+                        scores=scores)
 
 
 def _safe_name(case_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id)
 
 
-def summary_table(report: dict[str, Any], keys: Sequence[str] = SUMMARY_KEYS) -> str:
-    """A small text table of the means ± std for printing."""
+def summary_table(report: dict[str, Any], keys: Sequence[str] = SUMMARY_KEYS,
+                  per_rater_keys: dict[str, tuple[str, ...]] | None = None) -> str:
+    """A small text table of the means ± std for printing: one line per mode and convention, then, indented,
+    one line per per-rater metric of that mode (``[i]=mean±std``, entry i of ``per_rater``; default
+    :data:`SUMMARY_PER_RATER_KEYS`)."""
+    per_rater_keys = SUMMARY_PER_RATER_KEYS if per_rater_keys is None else per_rater_keys
     lines = []
     for mode, by_conv in report["results"].items():
         for conv, summ in by_conv.items():
@@ -280,4 +309,10 @@ def summary_table(report: dict[str, Any], keys: Sequence[str] = SUMMARY_KEYS) ->
                 if m is not None:
                     cells.append(f"{k}={m['mean']:.4f}±{m['std']:.4f}")
             lines.append(f"{mode:<12} {conv:<9} " + "  ".join(cells))
+            for k in per_rater_keys.get(mode, ()):
+                pr = summ.get("per_rater", {}).get(k)
+                if pr is not None:
+                    pairs = zip(pr["mean"], pr["std"], strict=True)
+                    cells = [f"[{i}]={mu:.4f}±{sd:.4f}" for i, (mu, sd) in enumerate(pairs)]
+                    lines.append(f"{'':<22} {k:<22} " + "  ".join(cells))
     return "\n".join(lines)

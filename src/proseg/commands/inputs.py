@@ -3,7 +3,9 @@
 Inputs (by extension): NIfTI (``.nii``/``.nii.gz``; a 2D slice ``(X, Y)``/``(X, Y, 1)``, a volume ``(X, Y, Z)``, or
 ``(X, Y, Z, C)`` with channels last), PNG (``(H, W)`` or ``(H, W, C)``), an HDF5 case (``t1``/``t1c``/``t2`` as
 3 channels as NPC-170 stores them, or a single ``image`` dataset ``(C, [D,] H, W)``), or a folder of them.
-Axis conventions are the data layer's readers': NIfTI ``(X, Y)`` -> ``(H, W) = (X, Y)``, slices along z.
+Axis conventions are the data layer's readers': NIfTI ``(X, Y)`` -> ``(H, W) = (X, Y)``, slices along z, after the
+NIfTI data is reoriented to the closest canonical orientation (RAS+, as ``nibabel.as_closest_canonical``); the
+writers put the maps back into the file's own orientation and affine.
 The files are read by :mod:`proseg.data.io`; this module arranges their arrays as ``(C, D, H, W)`` and keeps
 what :mod:`proseg.commands.outputs` needs to write the maps back in the same format and geometry.
 """
@@ -93,8 +95,9 @@ def read_input(path: Path) -> InputCase:
 
 def _read_nifti_input(path: Path) -> InputCase:
     vol = read_nifti(path)
-    data = np.asarray(vol.data)
-    check_finite(data, path)
+    stored = np.asarray(vol.data)
+    check_finite(stored, path)
+    data, ras = _to_ras(stored, vol.affine, vol.zooms)
     shape = data.shape
     if data.ndim == 2 or (data.ndim == 3 and shape[2] == 1):
         img = data.reshape(shape[0], shape[1])[None, None]  # (1, 1, X, Y)
@@ -108,8 +111,38 @@ def _read_nifti_input(path: Path) -> InputCase:
     else:
         raise DataError(f"{path}: NIfTI data of shape {shape} is not a 2D slice, a volume or a volume with "
                         "channels last")
-    return InputCase(path, "nifti", img.astype(np.float32), str(data.dtype), tuple(shape), vol.affine,
-                     vol.header.copy(), is_vol)
+    return InputCase(path, "nifti", img.astype(np.float32), str(data.dtype), tuple(stored.shape), vol.affine,
+                     vol.header.copy(), is_vol, extra=ras)
+
+
+def _to_ras(data: np.ndarray, affine: np.ndarray, zooms: tuple[float, ...]) -> tuple[np.ndarray, dict[str, Any]]:
+    """``data`` with its three spatial axes reoriented to the closest canonical (RAS+) order
+    (:mod:`nibabel.orientations`, as ``nibabel.as_closest_canonical``), and what writing back needs:
+    ``from_ras`` (the inverse orientation transform), ``ras_affine`` and ``ras_zooms`` (x, y, z in mm).
+
+    A 2D slice ``(X, Y)`` / ``(X, Y, 1)`` is reoriented only when its slice axis stays the third one (a sagittal
+    or coronal single slice is kept as stored: reorienting it would move the slice axis in-plane)."""
+    from nibabel import orientations as nio
+
+    spatial = data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim)
+    arr = data.reshape(spatial + data.shape[3:]) if data.ndim < 3 else data
+    to_ras = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
+    z3 = (tuple(float(z) for z in zooms[:3]) + (1.0, 1.0, 1.0))[:3]
+    identity = {"from_ras": None, "ras_affine": np.asarray(affine, np.float64), "ras_zooms": z3[: max(2, data.ndim)]}
+    if data.ndim < 3 or spatial[2] == 1:
+        if int(to_ras[2, 0]) != 2:
+            return data, identity
+    if np.array_equal(to_ras, [[0, 1], [1, 1], [2, 1]]):
+        return data, identity
+    out = nio.apply_orientation(arr, to_ras)
+    ras_affine = np.asarray(affine, np.float64) @ nio.inv_ornt_aff(to_ras, spatial)
+    ras_zooms = [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(to_ras):
+        ras_zooms[int(axis)] = z3[i]
+    if data.ndim < 3:
+        out = out.reshape(out.shape[:2])
+    return out, {"from_ras": nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), nio.io_orientation(affine)),
+                 "ras_affine": ras_affine, "ras_zooms": tuple(ras_zooms[: max(2, data.ndim)])}
 
 
 def _read_png_input(path: Path) -> InputCase:

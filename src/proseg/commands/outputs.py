@@ -1,6 +1,7 @@
 """The outputs of ``proseg predict``: one input's maps written in the input's own format and geometry.
 
-* NIfTI: one ``.nii.gz`` per map, same shape and **affine** as the input (samples on an extra last axis);
+* NIfTI: one ``.nii.gz`` per map, same shape, voxel order and **affine** as the input (the maps, computed in the
+  canonical RAS+ orientation the input was read in, are reoriented back; samples on an extra last axis);
 * PNG: 8-bit PNGs, probabilities as ``round(255 p)``, masks as 0/255, variances as ``round(1020 v)``
   (a variance of a probability is at most 0.25);
 * HDF5: one ``prediction.h5`` with float32 datasets (masks uint8).
@@ -79,7 +80,14 @@ def _write_nifti_case(case: InputCase, entries: list[Entry], samples: list[tuple
 
 def _nifti_array(case: InputCase, a: np.ndarray) -> np.ndarray:
     """``(D, H, W)`` (or ``(K, D, H, W)``) back to the input's stored NIfTI layout ``(X, Y[, Z])`` (K last)."""
-    vol = np.moveaxis(a, -3, -1)  # (..., X, Y, Z)
+    vol = np.moveaxis(a, -3, -1)  # (..., X, Y, Z) in the canonical (RAS+) orientation the input was read in
+    from_ras = case.extra.get("from_ras")
+    if from_ras is not None:  # back to the file's own voxel order
+        from nibabel.orientations import apply_orientation
+
+        lead = tuple(range(vol.ndim - 3))
+        moved = tuple(range(3, vol.ndim))
+        vol = np.moveaxis(apply_orientation(np.moveaxis(vol, lead, moved), from_ras), moved, lead)
     if len(case.spatial_shape) == 2:
         vol = vol[..., 0]
     if a.ndim == 4:

@@ -19,6 +19,7 @@ an existing ``OUTPUT`` is replaced only with ``force``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ import torch
 from proseg.commands.inputs import InputCase, list_inputs, read_input, stem
 from proseg.commands.outputs import write_case
 from proseg.commands.preprocess import preprocess, unprocess
+from proseg.data.preprocess import UNIT_RANGE_MODES, Intensity, intensity_from_options
 from proseg.engine.checkpoint import resolve_checkpoint
+from proseg.engine.distributed import env_dist_info, resolve_device
 from proseg.engine.evaluation import case_generator, sample_volume, supports
 from proseg.errors import CommandError, DataError
 from proseg.fsutil import check_writable, sha256_file, staged_dir
@@ -36,17 +39,23 @@ from proseg.jsonio import dumps
 from proseg.metrics.uncertainty import diverse_uncertainty, uncertainty_maps
 from proseg.models import load_model
 from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, read_model_meta
+from proseg.progress import Progress
 
 
 @torch.inference_mode()
 def predict_case(model: Any, case: InputCase, prep_meta: dict[str, Any], *, num_samples: int, seed: int,
-                 batch_size: int, threshold: float) -> dict[str, np.ndarray]:
-    """All maps of one input on its own grid, as ``(D, H, W)`` arrays (``(R, D, H, W)`` / ``(K, D, H, W)`` ...)."""
+                 batch_size: int, threshold: float, intensity: Intensity | None = None,
+                 roi: tuple[int, int, int, int] | None = None,
+                 spacing: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+    """All maps of one input on its own grid, as ``(D, H, W)`` arrays (``(R, D, H, W)`` / ``(K, D, H, W)`` ...).
+
+    ``intensity`` overrides the checkpoint's recorded transform, ``roi = (y0, x0, h, w)`` predicts that crop only
+    (zeros elsewhere), ``spacing`` resamples the input to that voxel size first (:func:`preprocess`)."""
     device = next(model.parameters()).device
     if case.image.shape[0] != model.in_channels:
         raise DataError(f"{case.path}: the input has {case.image.shape[0]} channel(s) but the checkpoint's model "
                         f"expects {model.in_channels}")
-    prep = preprocess(case, prep_meta)
+    prep = preprocess(case, prep_meta, intensity=intensity, roi=roi, spacing=spacing)
     images = torch.from_numpy(np.ascontiguousarray(np.moveaxis(prep.image, 1, 0))).to(device)  # (D, C, H, W)
     out: dict[str, np.ndarray] = {}
     cid = case.path.name
@@ -71,39 +80,57 @@ def predict_case(model: Any, case: InputCase, prep_meta: dict[str, Any], *, num_
             out["mean"] = u2["mean"].cpu().numpy()
             out["uncertainty_total"] = u2["total"].cpu().numpy()
     out["mean_mask"] = out["mean"] > threshold
+    out["_intensity"] = prep.intensity.record("predict") if prep.intensity is not None else None  # type: ignore
     return out
 
 
 def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLike[str],
                  output: str | os.PathLike[str], *, num_samples: int = 16, seed: int = 0, save_samples: bool = False,
-                 threshold: float = 0.5, force: bool = False, device: str = "cpu",
-                 batch_size: int = 32) -> dict[str, Any]:
-    """Predict every input under ``input_path`` into ``output`` (a folder); returns the report dict."""
+                 threshold: float = 0.5, force: bool = False, device: str = "auto",
+                 batch_size: int = 32, progress: bool = False, intensity: str | None = None,
+                 window: str | Sequence[float] | None = None, percentiles: str | Sequence[float] | None = None,
+                 roi: str | Sequence[int] | None = None, resample: bool = False,
+                 spacing: str | Sequence[float] | None = None) -> dict[str, Any]:
+    """Predict every input under ``input_path`` into ``output`` (a folder); returns the report dict.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. ``progress``: show the inputs done
+    on stderr (:mod:`proseg.progress`; a folder of several inputs only)."""
     inp, out = Path(input_path), Path(output)
     _check_options(out, force=force, threshold=threshold, num_samples=num_samples)
+    override = intensity_from_options(intensity, window, percentiles, default=None)
+    roi_box = _parse_ints(roi, "--roi", 4)
     ckpt_dir = resolve_checkpoint(checkpoint)
     files = list_inputs(inp)
+    device = str(resolve_device(device, env_dist_info(), key="--device"))
     model = load_model(ckpt_dir, map_location=device)  # validates model.json and the weights, eval mode
     meta = read_model_meta(ckpt_dir)
     dataset = meta.get("dataset") or {}
     prep_meta = dataset.get("preprocessing") or {}
+    target_spacing = _target_spacing(prep_meta, resample, spacing)
     model.to(device)
     rater_names = _rater_names(dataset, model.num_raters)
-    notes = _notes(model, meta, prep_meta)
+    notes = _notes(model, meta, prep_meta, override)
     check_writable(out)
     report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "checkpoint_sha256": sha256_file(ckpt_dir / WEIGHTS_NAME),
                               "model": meta["model"], "num_samples": num_samples, "seed": seed,
                               "threshold": threshold, "notes": notes, "inputs": {},
+                              "roi": list(roi_box) if roi_box else None,
+                              "spacing": list(target_spacing) if target_spacing else None,
                               "png_scale": "probabilities and masks x255, variances x1020 (8-bit)"}
     with staged_dir(out) as tmp:
         single = inp.is_file()
+        bar = Progress(len(files), "predict", "input", enabled=progress and len(files) > 1)
         for f in files:
             case = read_input(f)
             maps = predict_case(model, case, prep_meta, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                                threshold=threshold)
+                                threshold=threshold, intensity=override, roi=roi_box, spacing=target_spacing)
+            applied = maps.pop("_intensity", None)
             dest = tmp if single else tmp / stem(f)
             written = write_case(case, maps, dest, rater_names, save_samples)
-            report["inputs"][str(f)] = {"output": str(out if single else out / stem(f)), "files": written}
+            report["inputs"][str(f)] = {"output": str(out if single else out / stem(f)), "files": written,
+                                        "intensity": applied}
+            bar.update(1)
+        bar.close()
         (tmp / "prediction.json").write_text(dumps(report, indent=2) + "\n")
     return report
 
@@ -123,8 +150,54 @@ def _rater_names(dataset: dict[str, Any], num_raters: int) -> list[str]:
     return names if len(names) == num_raters else [f"{r}" for r in range(num_raters)]
 
 
-def _notes(model: MultiRaterModel, meta: dict[str, Any], prep_meta: dict[str, Any]) -> list[str]:
+def _parse_ints(text: str | Sequence[int] | None, option: str, n: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else [str(v) for v in text]
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise CommandError(f"{option} takes {n} integers y0,x0,h,w (e.g. {option} 0,0,64,64), got {text!r}")
+    return vals
+
+
+def _target_spacing(prep_meta: dict[str, Any], resample: bool,
+                    spacing: str | Sequence[float] | None) -> tuple[float, ...] | None:
+    """The voxel size (mm, x, y[, z]) inputs are resampled to: ``--spacing``, else the training data's."""
+    if not resample:
+        if spacing is not None:
+            raise CommandError("--spacing is the voxel size --resample resamples to; pass --resample as well")
+        return None
+    if spacing is None:
+        recorded = prep_meta.get("spacing")
+        if isinstance(recorded, dict):
+            recorded = recorded.get("nifti_xyz")
+        if not recorded:
+            raise CommandError("--resample: the checkpoint records no voxel size of its training data; pass "
+                               "--spacing X,Y[,Z] (mm) as well")
+        spacing = [float(v) for v in recorded]
+    parts = [p.strip() for p in spacing.split(",")] if isinstance(spacing, str) else [str(v) for v in spacing]
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) not in (2, 3) or not all(np.isfinite(v) and v > 0 for v in vals):
+        raise CommandError(f"--spacing takes 2 or 3 positive voxel sizes in mm (x,y[,z]), got {spacing!r}")
+    return vals
+
+
+def _notes(model: MultiRaterModel, meta: dict[str, Any], prep_meta: dict[str, Any],
+           override: Intensity | None = None) -> list[str]:
     notes: list[str] = []
+    trained = Intensity.from_record(prep_meta.get("intensity"))
+    if override is not None and trained is not None and override.mode != "auto":
+        same_range = (override.mode in UNIT_RANGE_MODES) == (trained.mode in UNIT_RANGE_MODES) and (
+            override.mode in UNIT_RANGE_MODES or override.mode == trained.mode)
+        if not same_range:
+            notes.append(f"inputs are mapped with '{override.describe()}', but the checkpoint's training data was "
+                         f"'{trained.describe()}': the model sees another intensity range than it was trained on")
     if not supports(model, "personalized"):
         notes.append(f"{meta['model']['name']} has no personalized (per-rater) output: per-rater maps and the "
                      "rater/ambiguity split of the uncertainty are not written; mean and uncertainty_total come "

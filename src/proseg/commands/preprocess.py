@@ -1,9 +1,18 @@
 """A ``proseg predict`` input to the model's space, as ``proseg prepare`` made the training data, and back.
 
-Forward (:func:`preprocess`): the intensity scaling and the centred pad-to-square + resize of
-:mod:`proseg.data.preprocess`, with the settings the checkpoint records for its dataset. Inverse
-(:func:`unprocess`): model-space maps resized back (bilinear) to the padded square and un-padded, onto the
-input's own grid.
+Forward (:func:`preprocess`), on the input grid the input was read in (NIfTI: canonical RAS+ orientation):
+
+1. the intensity transform the checkpoint records for its dataset (``model.json`` -> ``dataset.preprocessing
+   .intensity``: mode and window / percentiles), or the one ``--intensity`` / ``--window`` / ``--percentiles``
+   give for inputs in other units than the training data (e.g. a raw CT in Hounsfield units for a model trained
+   on 8-bit windowed PNGs); computed on the whole input, so a crop is scaled as its whole image;
+2. with ``roi = (y0, x0, h, w)`` the crop ``[y0:y0+h, x0:x0+w]`` of every slice (H, W axes as read);
+3. with ``spacing`` (mm, NIfTI x, y[, z]) a resampling to that voxel size (``scipy.ndimage.zoom``, order 1);
+4. the centred pad-to-square + resize of :mod:`proseg.data.preprocess` to the checkpoint's target size.
+
+Inverse (:func:`unprocess`): model-space maps resized back (bilinear) to the padded square and un-padded, resampled
+back to the crop's grid (order 1: probabilities; masks are thresholded afterwards) and pasted into a map of the
+input's full size (zeros outside the ROI).
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from proseg.commands.inputs import InputCase
-from proseg.data.preprocess import pad_resize, resolve_intensity, scale_intensity
+from proseg.data.preprocess import Intensity, pad_resize, scale_intensity
+from proseg.errors import DataError
 
 
 @dataclass
@@ -24,28 +34,113 @@ class Prepared:
     image: np.ndarray  # (C, D, size, size) model space
     pad: tuple[int, int, int, int]
     padded: int
-    hw: tuple[int, int]
+    hw: tuple[int, int]  # the grid that was padded and resized (after the crop and the resampling)
+    full_shape: tuple[int, int, int] = (0, 0, 0)  # (D, H, W) of the input grid
+    roi: tuple[int, int, int, int] | None = None  # (y0, x0, h, w) on the input grid
+    crop_shape: tuple[int, int, int] | None = None  # (D, h, w) before resampling, when resampled
+    intensity: Intensity | None = None
 
 
-def preprocess(case: InputCase, prep: dict[str, Any]) -> Prepared:
-    """Intensity scaling and pad/resize exactly as ``proseg prepare`` did for the training data."""
-    intensity = prep.get("intensity") or {}
-    mode = intensity.get("mode", "auto") if isinstance(intensity, dict) else str(intensity)
-    mode = resolve_intensity(mode, case.source_dtype)
-    image, pad_value = scale_intensity(case.image, mode, str(case.path))
+def input_intensity(case: InputCase, prep: dict[str, Any], override: Intensity | None = None) -> Intensity:
+    """The transform applied to ``case``: ``override`` (the command-line options) or what the checkpoint records
+    (``auto`` when nothing), resolved for the input's dtype. An 8-bit input under a recorded window in
+    other units (a CT window in Hounsfield units) is refused: it is most likely already windowed."""
+    if override is not None:
+        return override.resolve(case.source_dtype)
+    recorded = Intensity.from_record(prep.get("intensity")) or Intensity("auto")
+    spec = recorded.resolve(case.source_dtype)
+    if spec.mode == "window" and spec.window is not None and case.source_dtype in ("uint8", "bool") \
+            and spec.window[0] < 0:
+        lo, hi = spec.window
+        raise DataError(f"{case.path}: an 8-bit input, but the checkpoint's training data was mapped from the "
+                        f"window [{lo:g}, {hi:g}] (e.g. Hounsfield units): an 8-bit image is most likely already "
+                        "windowed; pass --intensity uint8 if it was made with that window (x / 255)")
+    return spec
+
+
+def preprocess(case: InputCase, prep: dict[str, Any], *, intensity: Intensity | None = None,
+               roi: tuple[int, int, int, int] | None = None,
+               spacing: tuple[float, ...] | None = None) -> Prepared:
+    """Intensity, crop, resampling and pad/resize as ``proseg prepare`` did for the training data (module doc)."""
+    spec = input_intensity(case, prep, intensity)
+    image, pad_value = scale_intensity(case.image, spec, str(case.path))
+    full = tuple(int(v) for v in image.shape[1:])
+    if roi is not None:
+        y0, x0, h, w = check_roi(roi, full[1:], str(case.path))
+        image = image[:, :, y0 : y0 + h, x0 : x0 + w]
+    crop_shape = None
+    if spacing is not None:
+        crop_shape = tuple(int(v) for v in image.shape[1:])
+        image = resample(image, _zoom_factors(case, spacing))
     size = prep.get("target_size")
     masks = np.zeros((1,) + image.shape[1:], bool)  # pad_resize resizes masks alongside; none here
-    out, _, geom = pad_resize(image, masks, int(size) if size else None, pad_value)
-    return Prepared(out.astype(np.float32), tuple(geom.pad), geom.padded, tuple(geom.orig_hw))  # type: ignore[arg-type]
+    out, _, geom = pad_resize(np.ascontiguousarray(image), masks, int(size) if size else None, pad_value)
+    return Prepared(out.astype(np.float32), tuple(geom.pad), geom.padded, tuple(geom.orig_hw),  # type: ignore[arg-type]
+                    full, roi, crop_shape, spec)  # type: ignore[arg-type]
+
+
+def check_roi(roi: tuple[int, int, int, int], hw: tuple[int, int], source: str) -> tuple[int, int, int, int]:
+    """``roi = (y0, x0, h, w)`` inside an ``hw`` grid, else ``DataError`` naming ``--roi``."""
+    y0, x0, h, w = (int(v) for v in roi)
+    if h < 1 or w < 1 or y0 < 0 or x0 < 0 or y0 + h > hw[0] or x0 + w > hw[1]:
+        raise DataError(f"{source}: --roi {y0},{x0},{h},{w} (y0,x0,h,w) does not lie inside the input's "
+                        f"{hw[0]} x {hw[1]} grid (H x W as read)")
+    return y0, x0, h, w
+
+
+def _zoom_factors(case: InputCase, spacing: tuple[float, ...]) -> tuple[float, float, float]:
+    """Zoom factors of the ``(D, H, W)`` axes that resample ``case`` to ``spacing`` (x, y[, z] in mm)."""
+    zooms = case.extra.get("ras_zooms")
+    if case.kind != "nifti" or not zooms:
+        raise DataError(f"{case.path}: --resample needs the input's voxel size, which only NIfTI inputs record")
+    zx, zy = float(zooms[0]), float(zooms[1])
+    tx, ty = float(spacing[0]), float(spacing[1])
+    fz = 1.0
+    if case.image.shape[1] > 1 and len(spacing) > 2 and len(zooms) > 2:
+        fz = float(zooms[2]) / float(spacing[2])
+    return fz, zx / tx, zy / ty
+
+
+def resample(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
+    """``(C, D, H, W)`` (or any ``(..., D, H, W)``) resampled by ``factors`` of the last three axes, trilinear
+    (``scipy.ndimage.zoom``, order 1, voxel-edge aligned)."""
+    shape = image.shape[-3:]
+    target = tuple(max(1, int(round(n * f))) for n, f in zip(shape, factors, strict=True))
+    return resample_to(image, target)
+
+
+def resample_to(image: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    """``(..., D, H, W)`` resampled to the grid ``target = (D', H', W')`` (order 1, ``grid_mode``)."""
+    from scipy import ndimage
+
+    shape = image.shape[-3:]
+    if tuple(shape) == tuple(target):
+        return image
+    lead = image.shape[:-3]
+    flat = image.reshape((-1,) + tuple(shape))
+    zoom = [t / n for t, n in zip(target, shape, strict=True)]
+    out = np.stack([ndimage.zoom(v.astype(np.float32), zoom, order=1, mode="nearest", grid_mode=True)
+                    for v in flat])
+    return out.reshape(lead + tuple(target)).astype(np.float32, copy=False)
 
 
 def unprocess(maps: torch.Tensor, prep: Prepared) -> torch.Tensor:
-    """Map ``(..., size, size)`` model-space maps back to the input grid ``(..., H, W)`` (bilinear, then un-pad)."""
+    """Map ``(..., size, size)`` model-space maps back to the input grid ``(..., D, H, W)``: bilinear, un-pad,
+    resample back (order 1) and paste into the full grid (zeros outside the ROI)."""
     lead = maps.shape[:-2]
     x = maps.reshape(-1, 1, *maps.shape[-2:]).float()
     if x.shape[-1] != prep.padded:
         x = F.interpolate(x, size=(prep.padded, prep.padded), mode="bilinear", align_corners=False)
     top, _, left, _ = prep.pad
     h, w = prep.hw
-    x = x[..., top : top + h, left : left + w]
-    return x.reshape(*lead, h, w)
+    x = x[..., top : top + h, left : left + w].reshape(*lead, h, w)
+    if prep.crop_shape is None and prep.roi is None:
+        return x
+    if prep.crop_shape is not None:
+        x = torch.from_numpy(resample_to(x.cpu().numpy(), prep.crop_shape)).to(maps.device)
+    if prep.roi is None:
+        return x
+    y0, x0, rh, rw = prep.roi
+    full = torch.zeros(*x.shape[:-2], *prep.full_shape[-2:], dtype=x.dtype, device=x.device)
+    full[..., y0 : y0 + rh, x0 : x0 + rw] = x
+    return full

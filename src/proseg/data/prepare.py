@@ -34,16 +34,17 @@ from proseg.data.preprocess import (
     INTENSITY_MODES,
     RATER_ORDERS,
     Geometry,
+    Intensity,
     canonical_intensity,
+    intensity_from_options,
     order_raters,
     pad_resize,
-    resolve_intensity,
     scale_intensity,
     validate_sample,
 )
 from proseg.data.readers import READERS
 from proseg.data.readers.base import CaseRef
-from proseg.data.splits import make_splits
+from proseg.data.splits import make_splits, read_splits_file
 from proseg.data.store import ARRAY_FILES, FORMAT_VERSION, META_FILES, is_store
 from proseg.data.synthetic import list_cases as synthetic_cases
 from proseg.data.types import DataError
@@ -85,11 +86,11 @@ class _Processed:
     extra: dict
 
 
-def _process(case: CaseRef, size: int | None, intensity: str, rater_order: str) -> _Processed:
+def _process(case: CaseRef, size: int | None, intensity: Intensity, rater_order: str) -> _Processed:
     s = case.load()
     validate_sample(s)
-    mode = resolve_intensity(intensity, str(s.extra.get("source_dtype", s.image.dtype)))
-    image, pad_value = scale_intensity(s.image, mode, s.source or s.case_id)
+    spec = intensity.resolve(str(s.extra.get("source_dtype", s.image.dtype)))
+    image, pad_value = scale_intensity(s.image, spec, s.source or s.case_id)
     image, masks, geom = pad_resize(image, s.masks, size, pad_value)
     masks, present, perm = order_raters(masks, s.rater_present, rater_order)
     if s.is_volume:
@@ -111,7 +112,7 @@ def _process(case: CaseRef, size: int | None, intensity: str, rater_order: str) 
         spacing=tuple(s.spacing),
         affine=s.affine,
         geometry=geom,
-        intensity=mode,
+        intensity=spec.mode,
         rater_names=list(s.rater_names),
         extra={k: v for k, v in s.extra.items() if k in ("series_uid", "nifti_shape", "source_dtype")},
     )
@@ -130,12 +131,16 @@ def prepare(
     *,
     size: int | None = None,
     intensity: str = "auto",
+    window: str | Sequence[float] | None = None,
+    percentiles: str | Sequence[float] | None = None,
     rater_order: str = "as-stored",
     num_folds: int = 4,
     val_fraction: float = 0.1,
     seed: int = 0,
     allow_missing_raters: bool = False,
     patients: Sequence[str] | None = None,
+    splits: str | Path | None = None,
+    allow_unlisted: bool = False,
     force: bool = False,
     workers: int | None = None,
     reader_options: dict[str, Any] | None = None,
@@ -150,8 +155,14 @@ def prepare(
         size: target side (pad to square, then resize); None keeps the source size, which must then agree.
         intensity: one of ``INTENSITY_MODES`` (``auto``: /255 for uint8 sources, per-case z-score otherwise); the
             old spelling ``unit8`` of ``uint8`` is accepted with a ``ProsegWarning``.
+        window: ``"lo,hi"`` or ``(lo, hi)``: ``intensity="window"`` (implied), clip to [lo, hi] in source units
+            (e.g. Hounsfield units) and map to [0, 1]; recorded in the manifest.
+        percentiles: ``"p_lo,p_hi"``: ``intensity="percentile"`` (implied; default 0.5, 99.5).
         rater_order: ``as-stored`` or ``area-ranked``.
         patients: fnmatch patterns on patient ids; only matching patients are converted.
+        splits: a split file (``proseg.data.splits.read_splits_file``) used instead of the random folds
+            (``num_folds`` is then the file's); checked against the (filtered) patients before any case is loaded.
+        allow_unlisted: with ``splits``, patients in no part of a fold are allowed (else a ``DataError``).
         force: replace an existing ``out``, but only a store written by ``prepare`` or an empty folder.
         workers: threads for loading (default ``min(8, 2 * cpu_count)``).
         progress: called as ``progress(done, total)`` after each case.
@@ -164,6 +175,8 @@ def prepare(
     t0 = time.perf_counter()
     intensity = _current_intensity(intensity)
     _check_options(fmt, intensity, rater_order, size)
+    spec = intensity_from_options(intensity, window, percentiles)
+    intensity = spec.mode if spec.mode != "auto" else intensity
     out = Path(out)
     check_replaceable(out, force)
     cases, source_path = _list_cases(fmt, src, allow_missing_raters, reader_options, synthetic_options)
@@ -174,13 +187,18 @@ def prepare(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"{src}: case id {dup!r} appears twice (e.g. both 2D slice files and a 3D file)")
-    processed = _load_all(cases, size, intensity, rater_order, workers, progress)
+    given = None if splits is None else read_splits_file(
+        splits, [c.patient_id for c in cases], val_fraction=val_fraction, seed=seed, allow_unlisted=allow_unlisted)
+    processed = _load_all(cases, size, spec, rater_order, workers, progress)
     _check_consistent(processed, src, rater_order)
     processed = _in_store_order(processed, src)
     first = processed[0]
     rater_names = first.rater_names if rater_order == "as-stored" else [
         f"rank-{i}" for i in range(len(first.rater_names))]
-    splits = make_splits([p.patient_id for p in processed], num_folds, val_fraction, seed)
+    if given is not None:
+        split_content, num_folds = given, given["num_folds"]
+    else:
+        split_content = make_splits([p.patient_id for p in processed], num_folds, val_fraction, seed)
     options = {
         "source": {
             "format": fmt,
@@ -196,12 +214,13 @@ def prepare(
         "target_size": size,
         "resize": {"pad": "centred square, source value 0 (its scaled value)", "image": "bilinear",
                    "masks": "nearest"} if size is not None else None,
-        "intensity": {"mode": first.intensity, "requested": intensity,
-                      "description": _INTENSITY_DOC[first.intensity]},
-        "splits": {"num_folds": num_folds, "val_fraction": val_fraction, "seed": seed, "unit": "patient"},
+        "intensity": Intensity(first.intensity, spec.window, spec.percentiles).record(intensity),
+        "splits": {"num_folds": num_folds, "val_fraction": val_fraction, "seed": seed, "unit": "patient",
+                   "source": "random" if given is None else "file",
+                   **({} if given is None else {"file": given["file"], "sha256": given["sha256"]})},
     }
     with staged_dir(out) as tmp:
-        counts = _write_store(tmp, out, processed, splits, options)
+        counts = _write_store(tmp, out, processed, split_content, options)
         check_replaceable(out, force)  # again: OUT may have changed while we worked; the swap follows
     return PrepareResult(out, counts["rows"], counts["cases"], counts["patients"], counts["volumes"],
                          len(rater_names), time.perf_counter() - t0)
@@ -268,7 +287,7 @@ def _list_cases(fmt: str, src: str | Path, allow_missing_raters: bool, reader_op
     return cases, str(Path(src).resolve())
 
 
-def _load_all(cases: list[CaseRef], size: int | None, intensity: str, rater_order: str, workers: int | None,
+def _load_all(cases: list[CaseRef], size: int | None, intensity: Intensity, rater_order: str, workers: int | None,
               progress: Callable[[int, int], None] | None) -> list[_Processed]:
     """Load and preprocess every case in a thread pool (decoding releases the GIL), in listing order."""
     n_workers = workers or min(8, 2 * (os.cpu_count() or 1))
@@ -418,14 +437,6 @@ def _volume_entry(p: _Processed) -> dict[str, Any]:
            if p.affine is not None and s > 1 else {}),
         **p.extra,
     }
-
-
-_INTENSITY_DOC = {
-    "uint8": "x / 255 (8-bit source to [0, 1])",
-    "none": "stored as read (float32)",
-    "minmax": "per case and channel: (x - min) / (max - min)",
-    "zscore": "per case and channel: (x - mean) / std",
-}
 
 
 def _write_json(path: Path, obj: Any, out: Path) -> None:

@@ -80,5 +80,7 @@ def store_stats(store: Store, chunk: int = 1024) -> dict[str, Any]:
         "pairwise_dice": overall,
         "pairwise_dice_matrix": mat.tolist(),
         "splits": {"seed": store.splits["seed"], "num_folds": store.num_folds,
-                   "val_fraction": store.splits["val_fraction"], "folds": splits},
+                   "val_fraction": store.splits["val_fraction"], "folds": splits,
+                   "source": store.splits.get("source", "random"),
+                   **{k: store.splits[k] for k in ("file", "sha256") if k in store.splits}},
     }

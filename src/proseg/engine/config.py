@@ -10,8 +10,12 @@ a key that is not a :class:`ModelConfig` field is routed to ``model.args.<key>``
 then checks every ``model.args`` key against the model class's constructor, so a typo is still an error
 naming the key.
 
+Shipped configs lie inside the package (``proseg/configs/<dataset>/<model>.yaml``) and are named without the
+suffix: ``load_config("lidc/proseg")`` (what ``proseg train -c lidc/proseg`` does from any folder);
+``list_configs()`` lists them. A name ending in ``.yaml`` / ``.yml`` is always a file path.
+
 Example:
-    >>> cfg = load_config("configs/synthetic/proseg.yaml", ["train.epochs=2", "model.kl_weight=0.1"])
+    >>> cfg = load_config("synthetic/proseg", ["train.epochs=2", "model.kl_weight=0.1"])
     >>> cfg.model.args["kl_weight"]
     0.1
 """
@@ -344,13 +348,44 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     return cfg
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start from the defaults when ``path`` is None) and apply dotted overrides."""
-    cfg = Config()
-    if path is not None:
-        p = Path(path)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""The shipped configs: ``<dataset>/<model>.yaml`` (package data, so they exist wherever proseg is installed)."""
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def list_configs() -> list[str]:
+    """The names of the shipped configs (``lidc/proseg`` ...), sorted; each one is a valid ``load_config`` path."""
+    return sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config_path(name: str | os.PathLike[str]) -> Path:
+    """The file a ``-c`` argument names: a path ending in ``.yaml`` / ``.yml`` is that file; a name without the
+    suffix (``lidc/proseg``) is the shipped config of that name, else an existing file at that path.
+    Raises :class:`ConfigError` (listing the shipped names) when there is none."""
+    p = Path(name)
+    if p.suffix.lower() in _YAML_SUFFIXES:
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
+        return p
+    text = p.as_posix().strip("/")
+    shipped = CONFIG_DIR / f"{text}.yaml"
+    if text and ".." not in p.parts and not p.is_absolute() and shipped.is_file():
+        return shipped
+    if p.is_file():
+        return p
+    raise ConfigError(f"{name}: no such config; a file path ends in .yaml, and the shipped configs are "
+                      f"{', '.join(list_configs())} (proseg config list)")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``path`` is a YAML file or the name of a shipped config (``lidc/proseg``, see :func:`resolve_config_path`).
+    """
+    cfg = Config()
+    if path is not None:
+        p = resolve_config_path(path)
         try:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:

@@ -17,20 +17,22 @@ and counted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from proseg.engine.distributed import all_gather_objects
 from proseg.engine.seeding import case_seed
 from proseg.engine.types import CaseData
 from proseg.errors import ConfigError, DataError
 from proseg.metrics import DEFAULT_THRESHOLDS, case_metrics
+from proseg.metrics.case import LIST_KEYS
 from proseg.models.base import MultiRaterModel, NotSupportedError
+from proseg.progress import Progress
 
 MODES = ("personalized", "diverse")
 # Higher-is-better unless listed here.
@@ -97,6 +99,21 @@ def score_case(labels: Tensor, preds: Tensor, conventions: Sequence[str], estima
             for c in conventions}
 
 
+def _per_rater_slots(rec: dict[str, Any], present: Any) -> dict[str, Any]:
+    """Per-rater lists in rater slots: the metrics see only the N present raters, so their lists have N entries;
+    here they get one entry per rater of the model (R), NaN for an absent rater, so that ``aggregate`` (which skips
+    NaN) averages rater r over the cases where r drew, instead of mixing raters by list position."""
+    slots = [bool(p) for p in present]
+    if all(slots):
+        return rec
+    for key in LIST_KEYS:
+        vals = rec.get(key)
+        if isinstance(vals, list) and len(vals) == sum(slots):
+            it = iter(vals)
+            rec[key] = [next(it) if p else math.nan for p in slots]
+    return rec
+
+
 def _squeeze_2d(x: Tensor) -> Tensor:
     # A one-slice volume is a 2D case: (N, 1, H, W) -> (N, H, W).
     return x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else x
@@ -136,15 +153,15 @@ def evaluate_cases(
     records: list[dict[str, Any]] = []
     kept: dict[str, dict[str, Any]] = {}
     skipped = 0
-    iterator: Any = mine
-    if progress:
-        iterator = tqdm(mine, desc="evaluate", unit="case", dynamic_ncols=True)
+    # progress (rank 0): a bar on a terminal, a plain `case N/M` line now and then in a log file
+    bar = Progress(len(mine), "evaluate", "case", enabled=progress)
     try:
-        for key in iterator:
+        for key in mine:
             case: CaseData = load_case(key)
             present = torch.as_tensor(case.present, dtype=torch.bool)
             if not bool(present.any()):
                 skipped += 1
+                bar.update(1)
                 continue
             images = torch.as_tensor(case.images, dtype=torch.float32, device=device)
             labels_all = torch.as_tensor(case.masks, device=device).movedim(1, 0).float()  # (R, D, H, W)
@@ -169,8 +186,10 @@ def evaluate_cases(
                     rec = {"case_id": case.case_id, "mode": mode, "convention": conv,
                            "num_labels": int(labels.shape[0]), "num_predictions": int(preds.shape[0])}
                     rec.update({k: _plain(v) for k, v in m.items() if k not in rec})
-                    records.append(rec)
+                    records.append(_per_rater_slots(rec, case.present))
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     gathered = all_gather_objects((records, kept, skipped))
     all_records = [r for recs, _, _ in gathered for r in recs]

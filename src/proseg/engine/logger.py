@@ -1,5 +1,9 @@
 """Run logs: CSV and JSONL always, TensorBoard when the ``tensorboard`` package is installed (rank 0 only).
 
+TensorBoard (``pip install proseg[tensorboard]``; never required): the training rows as scalars (``loss``, ``lr``,
+every loss term ...), each validation's metrics as ``val/<metric>`` scalars, and one cheap panel per validation,
+``val/case``: the first validation case's image | mean label | mean prediction (middle slice), side by side.
+
 JSONL lines are strict JSON (:mod:`proseg.jsonio`): a NaN/Inf value (e.g. ``grad_norm`` without clipping, a
 diverged loss term) is written as ``null``; the CSV keeps it as ``nan`` / ``inf``, and TensorBoard gets only
 finite scalars.
@@ -11,8 +15,11 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from proseg.engine.checkpoint import TENSORBOARD_DIR
 from proseg.fsutil import atomic_write_text
@@ -75,15 +82,41 @@ class RunLogger:
         else:
             with open(self.csv, "a", newline="") as fh:
                 csv.DictWriter(fh, fieldnames=self._columns, lineterminator="\n").writerow(row)
-        if self.tb is not None:
-            step = int(row.get("step", 0))
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        self.add_scalars(row)
+
+    def add_scalars(self, row: Mapping[str, Any], prefix: str = "") -> None:
+        """The finite numbers of ``row`` as TensorBoard scalars ``<prefix><key>`` at ``row["step"]`` (no-op
+        without TensorBoard)."""
+        if self.tb is None:
+            return
+        step = int(row.get("step", 0))
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
+                self.tb.add_scalar(f"{prefix}{k}", v, step)
+
+    def add_case_panel(self, tag: str, image: Any, labels: Any, samples: Any, step: int) -> None:
+        """One grayscale panel: image | mean label | mean prediction of a case's middle slice (no-op without
+        TensorBoard). ``image`` ``(D, C, H, W)``, ``labels`` ``(D, R, H, W)``, ``samples`` ``(..., D, H, W)``."""
+        if self.tb is None:
+            return
+        self.tb.add_image(tag, case_panel(image, labels, samples), step, dataformats="HW")
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def case_panel(image: Any, labels: Any, samples: Any) -> np.ndarray:
+    """``(H, 3W)`` float32 in [0, 1]: the middle slice's first image channel (min-max scaled), the mean of its
+    labels, the mean of its samples."""
+    image, labels, samples = (np.asarray(a, dtype=np.float32) for a in (image, labels, samples))
+    d = image.shape[0] // 2
+    img = image[d, 0]
+    lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    lab = labels[d].mean(axis=0)
+    pred = samples.reshape(-1, *samples.shape[-3:])[:, d].mean(axis=0)
+    return np.clip(np.nan_to_num(np.concatenate([img, lab, pred], axis=1)), 0.0, 1.0)
 
 
 def _summary_writer(directory: Path) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from proseg.engine.config import OptimConfig
+from proseg.engine.config import OptimConfig, TrainConfig
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig, progress: float | None = None) -> float:
@@ -26,6 +26,43 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig, progress: float | N
     if progress is not None:
         t = min(max(t, progress), 1.0)
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def schedule_warnings(optim: OptimConfig, train: TrainConfig, total_steps: int, steps_per_epoch: int) -> list[str]:
+    """What a run's schedule cannot do as configured, known before the first step (one message each).
+
+    * ``warmup_steps`` >= the run's steps: the whole run is warm-up (no decay; ``optim.lr`` at the last step at best).
+    * ``val_every`` larger than the epochs the run trains: it validates only once, at the end.
+
+    A ``time_budget_s`` together with a ``cosine`` spanning more steps than the budget allows is *not* one of them:
+    :func:`lr_factor` follows the larger of the step and the spent-time fraction, so the decay ends at whichever
+    comes first. What a budget can cut is the (step-based) warm-up: the trainer checks that once it has timed a
+    few steps (:func:`budget_warmup_warning`).
+    """
+    out: list[str] = []
+    if optim.warmup_steps > 0 and optim.warmup_steps >= total_steps:
+        tail = "" if optim.schedule == "constant" else " and never decays"
+        out.append(f"optim.warmup_steps={optim.warmup_steps} >= the run's {total_steps} steps: the whole run is "
+                   f"warm-up (the learning rate reaches optim.lr at the last step at best{tail}); lower "
+                   f"optim.warmup_steps (e.g. {max(total_steps // 10, 1)})")
+    epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
+    if train.val_every > 1 and train.val_every > epochs:
+        out.append(f"train.val_every={train.val_every} > the {epochs} epoch(s) the run trains: it validates (and "
+                   f"selects checkpoints/best) only once, at the end; lower train.val_every")
+    return out
+
+
+def budget_warmup_warning(optim: OptimConfig, budget_s: float, step: int, elapsed_s: float) -> str | None:
+    """A message when, at the pace so far (``step`` steps in ``elapsed_s`` seconds), ``time_budget_s`` ends the run
+    before the warm-up is over (the learning rate would still be rising at the end), else None."""
+    if budget_s <= 0 or optim.warmup_steps <= 0 or step <= 0 or elapsed_s <= 0:
+        return None
+    reachable = int(step * budget_s / elapsed_s)
+    if reachable >= optim.warmup_steps:
+        return None
+    return (f"at {elapsed_s / step:.2g} s per step, train.time_budget_s={budget_s:g} ends the run near step "
+            f"{reachable}, before optim.warmup_steps={optim.warmup_steps} is over: the learning rate never reaches "
+            f"optim.lr; lower optim.warmup_steps (e.g. {max(reachable // 10, 1)})")
 
 
 def build_optimizer(model: Any, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -41,6 +41,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,13 @@ from proseg.engine.logger import RunLogger
 from proseg.engine.sampler import GlobalBatchSampler
 from proseg.engine.seeding import derive_seed, seed_all
 from proseg.engine.types import TrainData
-from proseg.errors import CheckpointError, ConfigError, NonFiniteError, NonFiniteLossError, ProsegError
+from proseg.errors import CheckpointError, ConfigError, NonFiniteError, NonFiniteLossError, ProsegError, ProsegWarning
 from proseg.fsutil import atomic_write_text
 from proseg.jsonio import write_json
 from proseg.metrics.aggregate import aggregate
 from proseg.models import create_model
 from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, nonfinite_tensors, read_weights
+from proseg.progress import Progress
 
 
 class _LossModule(nn.Module):
@@ -519,11 +521,13 @@ class Trainer:
             return None
         t0 = time.time()
         modes = self._val_modes()  # at validation time: a model's outputs can depend on its training stage
+        # the first case's arrays for the TensorBoard panel (rank 0 holds it: cases are dealt ids[rank::world])
+        keep = {cases[0]} if self.logger is not None and self.logger.tb is not None else None
         try:
-            records, _, _ = evaluate_cases(
+            records, kept, _ = evaluate_cases(
                 self.model, cases, self.data.load_case, modes=modes, num_samples=self.cfg.train.val_num_samples,
                 conventions=("standard",), estimator="v", seed=self.cfg.train.seed,
-                batch_size=self.cfg.eval.batch_size, rank=self.dist.rank, world_size=self.dist.world_size)
+                batch_size=self.cfg.eval.batch_size, keep=keep, rank=self.dist.rank, world_size=self.dist.world_size)
         except NonFiniteError as exc:  # e.g. the metrics refuse NaN predictions (NonFiniteInputError)
             # Finite but diverged weights (e.g. a huge learning rate) can still give NaN outputs: say so, with
             # the step and the checkpoint that holds the last good state, instead of a bare metrics error.
@@ -537,7 +541,7 @@ class Trainer:
         summary = aggregate([r for r in records if r["mode"] == mode and r["convention"] == "standard"])["metrics"]
         score, higher = selection_score(summary, self.cfg.train.val_metric)
         return {"summary": summary, "score": score, "higher_is_better": higher, "mode": mode,
-                "cases": len(cases), "seconds": time.time() - t0}
+                "cases": len(cases), "seconds": time.time() - t0, "kept": kept}
 
     def validate_and_checkpoint(self) -> None:
         """Validate (:meth:`validate`), track the best score, log it, call ``on_validation_end``, then save
@@ -568,6 +572,12 @@ class Trainer:
                    "seconds": round(res["seconds"], 3)}
             row.update({k: v["mean"] for k, v in res["summary"].items()})
             self.val_logger.log(row)
+            if self.logger is not None:  # TensorBoard (when installed): val/<metric> scalars, one case panel
+                self.logger.add_scalars(row, prefix="val/")
+                for case_id, arrays in (res.get("kept") or {}).items():
+                    if res["mode"] in arrays:
+                        self.logger.add_case_panel(f"val/{case_id}", arrays["image"], arrays["masks"],
+                                                   arrays[res["mode"]], self.step)
         self._say(f"step {self.step}: validation {self.cfg.train.val_metric}={score:.4f} on {res['cases']} "
                   f"cases ({res['mode']})" + (" (best)" if is_best else f", best {self.best_score:.4f} "
                                                 f"at step {self.best_step}"))
@@ -577,6 +587,7 @@ class Trainer:
         """Train until ``total_steps`` or the time budget; returns a summary dict."""
         cfg = self.cfg.train
         self._say(self._plan())
+        self._warn_schedule()
         self.on_train_start()
         bar = self._progress_bar()
         self._t_mark = time.time()
@@ -636,9 +647,15 @@ class Trainer:
             row = self._log_row(out, lr, (self.step - step0) * cfg.batch_size / max(now - t0, 1e-9))
             self._log_mark = (now, self.step)
             if bar is not None:
-                bar.set_postfix(loss=f"{row.get('loss', math.nan):.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+                bar.set_info(f"loss {row.get('loss', math.nan):.4f}  {row['samples_per_s']:.1f} img/s")
         if bar is not None:
             bar.update(1)
+        if not self._budget_checked and self.cfg.train.time_budget_s > 0 \
+                and self.elapsed >= 0.05 * self.cfg.train.time_budget_s:
+            self._budget_checked = True  # once, when the pace is known (5 % of the budget spent)
+            msg = schedule.budget_warmup_warning(self.cfg.optim, self.cfg.train.time_budget_s, self.step, self.elapsed)
+            if msg and self.dist.is_main and self.step < self.cfg.optim.warmup_steps:
+                warnings.warn(msg, ProsegWarning, stacklevel=2)
         return out
 
     def _tick(self) -> float:
@@ -675,11 +692,19 @@ class Trainer:
                 f"{self.cfg.train.batch_size} on {self.dist.world_size} process(es), {self.device}) -> "
                 f"{self.run_dir}" + (f", resuming at step {self.step}" if self.step else ""))
 
-    def _progress_bar(self) -> Any:
+    def _warn_schedule(self) -> None:
+        """A :class:`ProsegWarning` (rank 0) for each thing the schedule cannot do as configured."""
+        self._budget_checked = self.step >= self.cfg.optim.warmup_steps  # nothing left to check after warm-up
+        if self.dist.is_main:
+            for msg in schedule.schedule_warnings(self.cfg.optim, self.cfg.train, self.total_steps,
+                                                  self.steps_per_epoch):
+                warnings.warn(msg, ProsegWarning, stacklevel=3)
+
+    def _progress_bar(self) -> Progress | None:
+        """Rank 0's progress: a bar on a terminal, a plain ``step N/M`` line now and then in a log file."""
         if not self.dist.is_main:
             return None
-        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=None, file=sys.stderr)
+        return Progress(self.total_steps, "train", "step", initial=self.step, show_rate=False)
 
     def _note(self, msg: str | None) -> None:
         if msg:

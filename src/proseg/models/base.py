@@ -122,6 +122,11 @@ class MultiRaterModel(nn.Module):
     assigned in ``__init__`` (and wherever the deciding state changes), where it depends on the configuration or
     state (CM: ``diverse_from_raters``; D-Persona: its stage and ``trained_stage``, see ``DPersona.set_stage``).
     Read them from the instance (``model.supports_personalized``).
+
+    A new rater (few-shot adaptation, ``docs/adaptation.md``): models with per-rater parameters list them in
+    :meth:`rater_tensors` (rater axis first); then :meth:`add_rater` appends a rater (R -> R + 1, ``init_config``
+    too), :meth:`rater_parameters` names the tensors holding one rater's parameters and
+    :meth:`freeze_except_rater` makes only that rater's rows trainable (gradient masks on the stacked tensors).
     """
 
     model_name: str = ""
@@ -221,6 +226,88 @@ class MultiRaterModel(nn.Module):
         ``set_stage``); :attr:`init_config` records their current values. ``{}`` for most models."""
         return {}
 
+    # --- a new rater (few-shot adaptation; docs/adaptation.md) ------------------------------------------
+    def rater_tensors(self) -> list[tuple[str, nn.Module, str]]:
+        """The per-rater parameters: ``(qualified name, owning module, attribute)`` of every parameter whose
+        dimension 0 is the rater axis (rater r is row r). ``[]`` (the default) = the model has no per-rater
+        parameters, and :meth:`add_rater` raises :class:`NotSupportedError`."""
+        return []
+
+    def prior_rater_rows(self) -> dict[str, Tensor]:
+        """For ``add_rater(init="prior")``: the new row of the per-rater tensors that have a prior (by qualified
+        name); the others get the mean of the existing rows."""
+        return {}
+
+    def _after_add_rater(self) -> None:
+        """Update the modules' own rater counts after :meth:`add_rater` grew their tensors (subclass hook)."""
+
+    def add_rater(self, init: str | int = "mean") -> int:
+        """Append a rater: every per-rater tensor (:meth:`rater_tensors`) grows by one row, ``num_raters`` and
+        :attr:`init_config` become R + 1 (so :func:`save_model` / :func:`load_model` rebuild R + 1 raters).
+
+        ``init``: ``"mean"`` (the mean of the existing raters' rows), ``"prior"`` (:meth:`prior_rater_rows` where a
+        tensor has a prior, the mean elsewhere) or a rater index (a copy of that rater's rows). The existing rows are
+        copied bitwise; the new parameters are new :class:`~torch.nn.Parameter` objects (build the optimizer after
+        this call). Returns the new rater's index (the old R).
+
+        Raises:
+            NotSupportedError: the model has no per-rater parameters.
+            ValueError: an unknown ``init`` or a rater index out of range.
+        """
+        tensors = self.rater_tensors()
+        if not tensors:
+            raise NotSupportedError(f"{type(self).__name__} has no per-rater parameters to add a rater to")
+        R = self.num_raters
+        if isinstance(init, bool) or not (isinstance(init, int) or init in ("mean", "prior")):
+            raise ValueError(f"add_rater: init must be 'mean', 'prior' or a rater index, got {init!r}")
+        if isinstance(init, int) and not 0 <= init < R:
+            raise ValueError(f"add_rater: init rater {init} is not one of the model's raters 0..{R - 1}")
+        prior = self.prior_rater_rows() if init == "prior" else {}
+        with torch.no_grad():
+            for name, module, attr in tensors:
+                old = getattr(module, attr)
+                if old.shape[0] != R:
+                    raise RuntimeError(f"{name}: dimension 0 is {old.shape[0]}, not the rater axis (R = {R})")
+                if isinstance(init, int):
+                    row = old[init]
+                elif name in prior:
+                    row = prior[name].to(old)
+                else:
+                    row = old.mean(0)
+                new = torch.cat([old.detach(), row.detach().reshape(1, *old.shape[1:])], 0)
+                setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        self.num_raters = R + 1
+        self._after_add_rater()
+        built = self.__dict__.get("_built_config")
+        if built is not None:
+            built["num_raters"] = R + 1
+        return R
+
+    def rater_parameters(self, rater: int) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the tensors holding rater ``rater``'s parameters: the whole stacked tensors
+        (rater ``rater`` is row ``rater`` of each); :meth:`freeze_except_rater` masks the other rows' gradients."""
+        if not 0 <= rater < self.num_raters:
+            raise ValueError(f"rater {rater} is not one of the model's raters 0..{self.num_raters - 1}")
+        return [(name, getattr(module, attr)) for name, module, attr in self.rater_tensors()]
+
+    def freeze_except_rater(self, rater: int) -> RaterFreeze:
+        """Make rater ``rater``'s parameters the only trainable ones: every other parameter gets
+        ``requires_grad=False``, and a gradient hook on each stacked per-rater tensor zeroes every row but
+        ``rater``. With a gradient-only optimizer (Adam without weight decay) over ``handle.params`` the other
+        raters' rows then stay bitwise unchanged. ``handle.remove()`` takes the hooks off and restores the flags.
+        Keep the model in eval mode while fitting (BatchNorm statistics must not move either)."""
+        named = self.rater_parameters(rater)
+        ids = {id(p) for _, p in named}
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        for p in self.parameters():
+            p.requires_grad_(id(p) in ids)
+        hooks = []
+        for _, p in named:
+            mask = torch.zeros(p.shape[0], *([1] * (p.ndim - 1)), dtype=p.dtype, device=p.device)
+            mask[rater] = 1
+            hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g)))
+        return RaterFreeze([p for _, p in named], hooks, flags)
+
     # --- helpers for subclasses ----------------------------------------------------------------------
     def _check_sampling(self, images: Tensor, num_samples: int) -> None:
         """The argument checks of the sampling calls: :meth:`_check_images` and ``num_samples >= 1``."""
@@ -251,6 +338,21 @@ class MultiRaterModel(nn.Module):
         if present is None:
             present = torch.ones(masks.shape[:2], dtype=torch.bool, device=masks.device)
         return image, masks.to(image.dtype), present.to(torch.bool)
+
+
+class RaterFreeze:
+    """What :meth:`MultiRaterModel.freeze_except_rater` returns: ``params`` (the tensors to optimise) and
+    ``remove()`` (hooks off, ``requires_grad`` flags back)."""
+
+    def __init__(self, params: list[nn.Parameter], hooks: list[Any], flags: list[tuple[nn.Parameter, bool]]) -> None:
+        self.params, self._hooks, self._flags = params, hooks, flags
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self._hooks = []
 
 
 for _name in SAMPLING_METHODS:  # the base's own (NotSupportedError) versions follow the same contract

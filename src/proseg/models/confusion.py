@@ -343,6 +343,16 @@ class CMGlobal(_ConfusionMatrixModel):
     def cm_parameters(self) -> list[nn.Parameter]:
         return [self.cm_table]
 
+    def rater_tensors(self) -> list[tuple[str, nn.Module, str]]:
+        """Per-rater tensors (a new rater, docs/adaptation.md): the ``(R, 2, 2)`` confusion-matrix table."""
+        return [("cm_table", self, "cm_table")]
+
+    def prior_rater_rows(self) -> dict[str, Tensor]:
+        """``init="prior"``: the initial confusion matrix (diagonal ``cm_init_diag``)."""
+        table = torch.zeros(NUM_CLASSES, NUM_CLASSES)
+        table.diagonal().fill_(_diag_logit(self.cm_init_diag))
+        return {"cm_table": table}
+
     def cm_logits(self, features: Tensor) -> Tensor:
         return self.cm_table
 

@@ -304,3 +304,15 @@ class Pionono(MultiRaterModel):
             {"params": latent, "lr": latent_lr, "weight_decay": 0.0, "name": "latent"},
         ]
 
+    # --- a new rater (docs/adaptation.md) ------------------------------------------------------------------------
+    def rater_tensors(self) -> list[tuple[str, nn.Module, str]]:
+        """Per-rater tensors: the posterior mean table and the raw Cholesky table of q(z|r)."""
+        return [("latent.mu", self.latent, "mu"), ("latent.raw_tril", self.latent, "raw_tril")]
+
+    def prior_rater_rows(self) -> dict[str, Tensor]:
+        """``init="prior"``: q(z|new) = N(0, prior_std^2 I), the prior."""
+        d = self.latent.latent_dim
+        raw = torch.zeros(d, d)
+        raw.diagonal().fill_(_softplus_inverse(self.prior_std - _DIAG_FLOOR))
+        return {"latent.mu": torch.zeros(d), "latent.raw_tril": raw}
+

@@ -32,7 +32,7 @@ from proseg.errors import NonFiniteError
 from proseg.losses import dirichlet_kl, gaussian_kl, get_loss, log_variance, segmentation_loss, weighted_mean
 from proseg.models._utils import check_rater_sampling, l2_norm_sum, noise, training_pairs
 from proseg.models.backbones import create_backbone
-from proseg.models.base import Batch, MultiRaterModel
+from proseg.models.base import Batch, MultiRaterModel, eval_mode
 from proseg.models.registry import register_model
 
 # --- randomness that only comes from the caller's generator --------------------------------------------------
@@ -142,6 +142,8 @@ class RaterConvStack(nn.Module):
         * ``raters``: None = all R raters in order (S = R; the stacked weights run as one conv with ``groups=R``
           over the batch), or a ``(B, S)`` long tensor of rater indices (the weights are gathered per pair and run
           with ``groups=B*S`` on a batch of one; unchosen raters still get a (zero) gradient).
+        * ``subset``: with ``raters=None``, run the dense path for these raters only (S = len(subset)); for
+          ``subset = range(R0)`` the computation is the one a model with R0 raters makes, bitwise.
         * returns ``(B, S, Cout, H, W)``.
     """
 
@@ -167,15 +169,17 @@ class RaterConvStack(nn.Module):
     def out_channels(self) -> int:
         return self.channels[-1]
 
-    def forward(self, x: Tensor, raters: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, raters: Tensor | None = None, subset: Sequence[int] | None = None) -> Tensor:
         pad = self.k // 2
         n = len(self.weights)
         if raters is None:
-            R = self.num_raters
+            R = self.num_raters if subset is None else len(subset)
             B = x.shape[0]
             if not self.shared_input:  # (B, R, Cin, H, W) -> (B, R*Cin, H, W)
                 x = x.reshape(B, -1, *x.shape[-2:])
             for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                if subset is not None:  # the dense path over some raters only (rows sliced, same kernels)
+                    w, b = _rows(w, subset), _rows(b, subset)
                 groups = 1 if (i == 0 and self.shared_input) else R
                 x = F.conv2d(x, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=pad, groups=groups)
                 if i < n - 1:
@@ -191,6 +195,19 @@ class RaterConvStack(nn.Module):
             if i < n - 1:
                 x = F.relu(x)
         return x.reshape(B, S, self.out_channels, H, W)
+
+
+def _rows(t: Tensor, rows: Sequence[int]) -> Tensor:
+    """``t[rows]``: a plain slice (a view, contiguous) for a run ``0..n-1``, else an index_select."""
+    rows = [int(r) for r in rows]
+    if rows == list(range(len(rows))):
+        return t[: len(rows)]
+    return t[torch.as_tensor(rows, device=t.device)]
+
+
+def _inverse_softplus(y: Tensor) -> Tensor:
+    """``x`` with ``softplus(x) = y`` (y > 0)."""
+    return y + torch.log(-torch.expm1(-y))
 
 
 _TAU_WHAT = "ProSeg's rater concentrations softplus(tau.raw_concentration)"
@@ -470,9 +487,10 @@ class ProSeg(MultiRaterModel):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
 
-    def _stats(self, feats: Tensor, raters: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _stats(self, feats: Tensor, raters: Tensor | None,
+               subset: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """Per-pair ``(mu, logvar)``, each ``(B, S, H, W, Zc)`` channels-last-contiguous."""
-        s = self.stat_heads(feats, raters)  # (B, S, 2Zc, H, W)
+        s = self.stat_heads(feats, raters, subset)  # (B, S, 2Zc, H, W)
         s = s.permute(0, 1, 3, 4, 2).contiguous()
         return s[..., : self.z_channels], s[..., self.z_channels:]
 
@@ -554,16 +572,26 @@ class ProSeg(MultiRaterModel):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         share_latent: bool = False,
+        raters: Sequence[int] | None = None,
     ) -> Tensor:
         """tau ~ q(tau|r), Z ~ q(Z|x,r) for every rater r: ``(B, R, K, H, W)`` probabilities.
 
         The backbone and the R statistic heads run once per image; each extra sample costs one Z draw and the 1x1
-        head. ``share_latent=True`` draws tau once per (rater, sample) for the whole batch.
+        head. ``share_latent=True`` draws tau once per (rater, sample) for the whole batch. ``raters``: only these
+        raters, in this order (``(B, len(raters), K, H, W)``); ``raters=range(R0)`` on a model that got raters
+        with :meth:`add_rater` draws exactly what the R0-rater model drew with the same generator.
         """
         self._check_sampling(images, num_samples)
-        B, R, K = images.shape[0], self.num_raters, int(num_samples)
-        mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
+        subset = None if raters is None else [int(r) for r in raters]
+        if subset is not None and (not subset or any(not 0 <= r < self.num_raters for r in subset)):
+            raise ValueError(f"raters must be a non-empty list of rater indices 0..{self.num_raters - 1}, "
+                             f"got {list(raters or [])}")
+        B, K = images.shape[0], int(num_samples)
+        R = self.num_raters if subset is None else len(subset)
+        mu, logvar = self._stats(self._features(images), None, subset)  # (B, R, H, W, Zc)
         conc = self.tau.concentration().to(mu.dtype)
+        if subset is not None:
+            conc = _rows(conc, subset)
         check_concentration(conc, _TAU_WHAT)
         lead = 1 if share_latent else B
         tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
@@ -649,3 +677,106 @@ class ProSeg(MultiRaterModel):
             {"params": main, "lr": lr, "weight_decay": weight_decay},
             {"params": latent, "lr": self.latent_lr if self.latent_lr is not None else lr, "weight_decay": 0.0},
         ]
+
+    # --- the rater style space and new raters (docs/adaptation.md) ----------------------------------------------
+    def rater_tensors(self) -> list[tuple[str, nn.Module, str]]:
+        """Per-rater tensors (rater axis first): tau's concentration row, the classifier's output row, and every
+        stacked weight / bias of the statistic and remap heads."""
+        out: list[tuple[str, nn.Module, str]] = [("tau.raw_concentration", self.tau, "raw_concentration")]
+        last = self.tau.classifier[-1]
+        out += [(f"tau.classifier.{len(self.tau.classifier) - 1}.{a}", last, a) for a in ("weight", "bias")]
+        for stack_name in ("stat_heads", "remap_heads"):
+            stack = getattr(self, stack_name)
+            for kind in ("weights", "biases"):
+                plist = getattr(stack, kind)
+                out += [(f"{stack_name}.{kind}.{i}", plist, str(i)) for i in range(len(plist))]
+        return out
+
+    def prior_rater_rows(self) -> dict[str, Tensor]:
+        """``init="prior"``: q(tau|new) = the prior Dir(alpha0), and q(Z|x,new) = the prior N(0, prior_variance)
+        (the statistic head's last layer outputs mu = 0, logvar = log prior_variance; its earlier layers and the
+        remap head start from the mean of the raters)."""
+        raw = _inverse_softplus(torch.full((self.tau_dim,), self.alpha0))
+        last = len(self.stat_heads.weights) - 1
+        w = self.stat_heads.weights[last]
+        b = torch.zeros(w.shape[1])
+        b[self.z_channels:] = float(self.prior_logvar)
+        return {"tau.raw_concentration": raw, f"stat_heads.weights.{last}": torch.zeros(w.shape[1:]),
+                f"stat_heads.biases.{last}": b}
+
+    def _after_add_rater(self) -> None:
+        self.tau.classifier[-1].out_features = self.num_raters
+        self.stat_heads.num_raters = self.num_raters
+        self.remap_heads.num_raters = self.num_raters
+
+    def tau_positions(self) -> dict[str, Tensor]:
+        """The learned raters in tau-space: ``concentration`` ``(R, D)`` (softplus of the raw table), ``mean``
+        ``(R, D)`` (the posterior means ``a_r / sum a_r``) and ``total`` ``(R,)`` (``sum a_r``: the larger, the more
+        consistent the rater's style)."""
+        with torch.no_grad():
+            conc = self.tau.concentration().detach().float().cpu()
+        total = conc.sum(-1)
+        return {"concentration": conc, "mean": conc / total[:, None], "total": total}
+
+    def interpolate(self, rater_a: int, rater_b: int, t: float) -> Tensor:
+        """A posterior between two raters: the ``(D,)`` concentration ``(1 - t) a_A + t a_B`` (t in [0, 1]; its
+        mean moves on the straight line between the two posterior means when both have the same total). Use it
+        with :meth:`sample_tau`."""
+        for r in (rater_a, rater_b):
+            if not 0 <= int(r) < self.num_raters:
+                raise ValueError(f"rater {r} is not one of the model's raters 0..{self.num_raters - 1}")
+        with torch.no_grad():
+            conc = self.tau.concentration().detach()
+        return (1.0 - float(t)) * conc[int(rater_a)] + float(t) * conc[int(rater_b)]
+
+    def sample_tau(
+        self,
+        images: Tensor,
+        tau: Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        rater: int | None = None,
+        share_latent: bool = False,
+    ) -> Tensor:
+        """Segmentations for an explicit rater style: ``(B, T, H, W)`` probabilities (eval mode, no grad).
+
+        Args:
+            tau: ``(T, D)`` points on the simplex (one sample each; rows are renormalised), or a ``(D,)`` Dirichlet
+                concentration (e.g. :meth:`interpolate`): ``T = num_samples`` draws tau ~ Dir(tau) (per image, or
+                once for the batch with ``share_latent``).
+            rater: whose q(Z|x, r) gives the boundary latent; None = per tau the argmax of the classifier p(r|tau)
+                (as ``sample_diverse``).
+        """
+        self._check_sampling(images, num_samples)
+        with eval_mode(self), torch.no_grad():
+            B = images.shape[0]
+            mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
+            tau = tau.to(mu)
+            if tau.ndim == 1:
+                if tau.shape[0] != self.tau_dim:
+                    raise ValueError(f"a concentration must have tau_dim={self.tau_dim} entries, "
+                                     f"got {tuple(tau.shape)}")
+                check_concentration(tau, "sample_tau's concentration")
+                lead = 1 if share_latent else B
+                taus = sample_dirichlet(tau.expand(lead, int(num_samples), self.tau_dim).contiguous(), generator)
+            elif tau.ndim == 2 and tau.shape[1] == self.tau_dim:
+                if bool((tau < 0).any()) or not bool(torch.isfinite(tau).all()):
+                    raise ValueError("tau points must be finite and >= 0 (points on the simplex)")
+                taus = (tau / tau.sum(-1, keepdim=True).clamp_min(1e-12))[None]
+            else:
+                raise ValueError(f"tau must be (T, {self.tau_dim}) points or a ({self.tau_dim},) concentration, "
+                                 f"got {tuple(tau.shape)}")
+            T = taus.shape[1]
+            if rater is None:
+                rat = self.tau.classifier(taus).argmax(-1)  # (lead, T)
+            else:
+                if not 0 <= int(rater) < self.num_raters:
+                    raise ValueError(f"rater {rater} is not one of the model's raters 0..{self.num_raters - 1}")
+                rat = torch.full(taus.shape[:2], int(rater), dtype=torch.long, device=mu.device)
+            rat = rat.expand(B, T)
+            taus = taus.expand(B, T, self.tau_dim)
+            bidx = torch.arange(B, device=mu.device)[:, None]
+            m, lv = mu[bidx, rat], logvar[bidx, rat]  # (B, T, H, W, Zc)
+            z = self._sample_z(m, lv, generator)
+            return torch.sigmoid(self.head(z, taus))
+
