@@ -176,3 +176,10 @@ def test_intensity_option_errors(lidc_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "o6" / "mean.nii.gz").exists()
     res = ok("predict", lidc_run, f, tmp_path / "o7", "-k", "2", "--intensity", "zscore")
     assert "another intensity range" in res.output + (getattr(res, "stderr", "") or "")
+
+
+def test_sliding_window_needs_a_recorded_training_size(lidc_run: Path, tmp_path: Path) -> None:
+    """The LIDC-like store was prepared without --size: there is no window size (and no voxel size: PNG)."""
+    f = _save(tmp_path / "in" / "scan.nii.gz", _ct((64, 64), seed=5))
+    fails("predict", lidc_run, f, tmp_path / "o", "--window", "-1000,400", "--sliding-window",
+          match="records no training image size")

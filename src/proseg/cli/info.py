@@ -49,14 +49,17 @@ def info(
             f"rows      {st['rows']} slices ({c} x {h} x {w}), {st['cases']} cases, {st['volumes']} volumes, "
             f"{st['patients']} patients",
             f"raters    {st['num_raters']} ({st['rater_order']}): {', '.join(st['rater_names'])}",
-            f"intensity {st['intensity']}   target size {st['target_size']}",
+            f"intensity {st['intensity']}"
+            + "".join(f" {k} {v}" for k, v in st["intensity_params"].items())
+            + f"   target size {st['target_size']}",
             f"agreement mean pairwise Dice {st['pairwise_dice']:.3f} (Dice(empty, empty) = 1)",
             "per rater " + "  ".join(
                 f"{n}: empty {e:.1%} present {p:.1%}"
                 for n, e, p in zip(st["rater_names"], st["empty_fraction"], st["rater_present_fraction"], strict=True)
             ),
             f"splits    {st['splits']['num_folds']} folds by patient, seed {st['splits']['seed']}, "
-            f"val fraction {st['splits']['val_fraction']}",
+            + (f"val fraction {st['splits']['val_fraction']}" if any(st["splits"]["val_drawn"])
+               else "val parts from the file"),
         ]
         if st["splits"]["source"] == "file":
             lines.append(f"  from file {st['splits'].get('file')} (sha256 {str(st['splits'].get('sha256'))[:16]}...)")

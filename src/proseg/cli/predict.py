@@ -27,8 +27,17 @@ def predict(
     roi: str | None = typer.Option(
         None, "--roi", help="y0,x0,h,w: predict only this crop of every slice (zeros outside)."),
     resample: bool = typer.Option(
-        False, "--resample", help="NIfTI: resample to the training voxel size (or --spacing), maps back."),
-    spacing: str | None = typer.Option(None, "--spacing", help="X,Y[,Z] mm: the voxel size --resample targets."),
+        False, "--resample", help="NIfTI: resample to the training voxel size recorded by prepare (or --spacing), "
+        "maps back."),
+    spacing: str | None = typer.Option(
+        None, "--spacing", help="X,Y[,Z] mm: the voxel size --resample targets (default: the training data's)."),
+    sliding_window: bool = typer.Option(
+        False, "--sliding-window", help="Inputs larger than the training size: predict in windows of that size "
+        "(one latent per volume, shared by the windows) instead of shrinking them."),
+    overlap: float | None = typer.Option(
+        None, "--overlap", help="Fraction of a window its neighbours share, in [0, 1) (default 0.25)."),
+    blend: str | None = typer.Option(
+        None, "--blend", help="Weights of overlapping windows: gaussian (default) or uniform."),
 ) -> None:
     """Predict in the input's format and geometry (NIfTI keeps its affine); nothing is left half-written."""
     from proseg.cli.errors import user_errors
@@ -39,7 +48,8 @@ def predict(
         report = predict_path(checkpoint, input, output, num_samples=samples, seed=seed, save_samples=save_samples,
                               threshold=threshold, force=force, device=device, progress=True,
                               intensity=intensity, window=window, percentiles=percentiles, roi=roi,
-                              resample=resample, spacing=spacing)
+                              resample=resample, spacing=spacing, sliding_window=sliding_window,
+                              overlap=overlap, blend=blend)
         for note in report["notes"]:
             typer.echo(f"note: {note}", err=True)
         n = sum(len(v["files"]) for v in report["inputs"].values())

@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from proseg.data.io import HDF5_SUFFIXES, NIFTI_SUFFIXES, check_finite, hdf5_keys, read_hdf5, read_nifti, read_png
+from proseg.data.io import (
+    HDF5_SUFFIXES,
+    NIFTI_SUFFIXES,
+    check_finite,
+    hdf5_keys,
+    nifti_to_ras,
+    read_hdf5,
+    read_nifti,
+    read_png,
+)
 from proseg.data.readers.npc import DEFAULT_CHANNELS
 from proseg.errors import DataError
 
@@ -116,33 +125,12 @@ def _read_nifti_input(path: Path) -> InputCase:
 
 
 def _to_ras(data: np.ndarray, affine: np.ndarray, zooms: tuple[float, ...]) -> tuple[np.ndarray, dict[str, Any]]:
-    """``data`` with its three spatial axes reoriented to the closest canonical (RAS+) order
-    (:mod:`nibabel.orientations`, as ``nibabel.as_closest_canonical``), and what writing back needs:
-    ``from_ras`` (the inverse orientation transform), ``ras_affine`` and ``ras_zooms`` (x, y, z in mm).
-
-    A 2D slice ``(X, Y)`` / ``(X, Y, 1)`` is reoriented only when its slice axis stays the third one (a sagittal
-    or coronal single slice is kept as stored: reorienting it would move the slice axis in-plane)."""
-    from nibabel import orientations as nio
-
-    spatial = data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim)
-    arr = data.reshape(spatial + data.shape[3:]) if data.ndim < 3 else data
-    to_ras = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
-    z3 = (tuple(float(z) for z in zooms[:3]) + (1.0, 1.0, 1.0))[:3]
-    identity = {"from_ras": None, "ras_affine": np.asarray(affine, np.float64), "ras_zooms": z3[: max(2, data.ndim)]}
-    if data.ndim < 3 or spatial[2] == 1:
-        if int(to_ras[2, 0]) != 2:
-            return data, identity
-    if np.array_equal(to_ras, [[0, 1], [1, 1], [2, 1]]):
-        return data, identity
-    out = nio.apply_orientation(arr, to_ras)
-    ras_affine = np.asarray(affine, np.float64) @ nio.inv_ornt_aff(to_ras, spatial)
-    ras_zooms = [0.0, 0.0, 0.0]
-    for i, (axis, _) in enumerate(to_ras):
-        ras_zooms[int(axis)] = z3[i]
-    if data.ndim < 3:
-        out = out.reshape(out.shape[:2])
-    return out, {"from_ras": nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), nio.io_orientation(affine)),
-                 "ras_affine": ras_affine, "ras_zooms": tuple(ras_zooms[: max(2, data.ndim)])}
+    """``data`` reoriented to the closest canonical (RAS+) order (:func:`proseg.data.io.nifti_to_ras`, as
+    ``proseg prepare`` reads its NIfTI sources), and what writing back needs: ``from_ras`` (the inverse
+    orientation transform), ``ras_affine``, ``ras_zooms`` (x, y, z in mm) and ``orientation`` (the file's codes)."""
+    out, ras = nifti_to_ras(data, affine, zooms)
+    return out, {"from_ras": ras.from_ras, "ras_affine": ras.affine, "ras_zooms": ras.zooms,
+                 "orientation": ras.orientation}
 
 
 def _read_png_input(path: Path) -> InputCase:

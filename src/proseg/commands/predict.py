@@ -28,7 +28,7 @@ import torch
 
 from proseg.commands.inputs import InputCase, list_inputs, read_input, stem
 from proseg.commands.outputs import write_case
-from proseg.commands.preprocess import preprocess, unprocess
+from proseg.commands.preprocess import BLENDS, Prepared, blend_weight, preprocess, unprocess, window_starts
 from proseg.data.preprocess import UNIT_RANGE_MODES, Intensity, intensity_from_options
 from proseg.engine.checkpoint import resolve_checkpoint
 from proseg.engine.distributed import env_dist_info, resolve_device
@@ -46,21 +46,24 @@ from proseg.progress import Progress
 def predict_case(model: Any, case: InputCase, prep_meta: dict[str, Any], *, num_samples: int, seed: int,
                  batch_size: int, threshold: float, intensity: Intensity | None = None,
                  roi: tuple[int, int, int, int] | None = None,
-                 spacing: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+                 spacing: tuple[float, ...] | None = None, window: int | None = None, overlap: float = 0.25,
+                 blend: str = "gaussian") -> dict[str, np.ndarray]:
     """All maps of one input on its own grid, as ``(D, H, W)`` arrays (``(R, D, H, W)`` / ``(K, D, H, W)`` ...).
 
     ``intensity`` overrides the checkpoint's recorded transform, ``roi = (y0, x0, h, w)`` predicts that crop only
-    (zeros elsewhere), ``spacing`` resamples the input to that voxel size first (:func:`preprocess`)."""
+    (zeros elsewhere), ``spacing`` resamples the input to that voxel size first (:func:`preprocess`), ``window``
+    (the training size) predicts an input larger than it in overlapping windows (:func:`sample_windows`)."""
     device = next(model.parameters()).device
     if case.image.shape[0] != model.in_channels:
         raise DataError(f"{case.path}: the input has {case.image.shape[0]} channel(s) but the checkpoint's model "
                         f"expects {model.in_channels}")
-    prep = preprocess(case, prep_meta, intensity=intensity, roi=roi, spacing=spacing)
+    prep = preprocess(case, prep_meta, intensity=intensity, roi=roi, spacing=spacing, window=window)
     images = torch.from_numpy(np.ascontiguousarray(np.moveaxis(prep.image, 1, 0))).to(device)  # (D, C, H, W)
     out: dict[str, np.ndarray] = {}
     cid = case.path.name
     if supports(model, "personalized"):
-        s = sample_volume(model, images, "personalized", num_samples, case_generator(seed, cid, device), batch_size)
+        s = _sample(model, images, "personalized", num_samples, case_generator(seed, cid, device), batch_size, prep,
+                    overlap, blend)
         s = unprocess(s, prep)  # (R, K, D, H, W)
         u = uncertainty_maps(s)
         out["mean"] = u["mean"].cpu().numpy()
@@ -71,8 +74,8 @@ def predict_case(model: Any, case: InputCase, prep_meta: dict[str, Any], *, num_
         out["uncertainty_ambiguity"] = u["ambiguity"].cpu().numpy()
         out["rater_samples"] = s.cpu().numpy()
     if supports(model, "diverse"):
-        d = sample_volume(model, images, "diverse", num_samples, case_generator(seed, cid + "\x00diverse", device),
-                          batch_size)
+        d = _sample(model, images, "diverse", num_samples, case_generator(seed, cid + "\x00diverse", device),
+                    batch_size, prep, overlap, blend)
         d = unprocess(d, prep)  # (K, D, H, W)
         out["samples"] = d.cpu().numpy()
         if "mean" not in out:
@@ -81,7 +84,58 @@ def predict_case(model: Any, case: InputCase, prep_meta: dict[str, Any], *, num_
             out["uncertainty_total"] = u2["total"].cpu().numpy()
     out["mean_mask"] = out["mean"] > threshold
     out["_intensity"] = prep.intensity.record("predict") if prep.intensity is not None else None  # type: ignore
+    if window is not None:
+        out["_windows"] = _window_record(prep, window, overlap)  # type: ignore[assignment]
     return out
+
+
+def _sample(model: Any, images: torch.Tensor, mode: str, num_samples: int, generator: torch.Generator,
+            batch_size: int, prep: Prepared, overlap: float, blend: str) -> torch.Tensor:
+    if prep.window is None:
+        return sample_volume(model, images, mode, num_samples, generator, batch_size)
+    return sample_windows(model, images, mode, num_samples, generator, batch_size, window=prep.window,
+                          overlap=overlap, blend=blend)
+
+
+def sample_windows(model: Any, images: torch.Tensor, mode: str, num_samples: int, generator: torch.Generator,
+                   batch_size: int, *, window: int, overlap: float = 0.25, blend: str = "gaussian") -> torch.Tensor:
+    """:func:`~proseg.engine.evaluation.sample_volume` of ``images`` ``(D, C, H, W)`` (H, W >= ``window``) in
+    windows of side ``window`` (:func:`~proseg.commands.preprocess.window_starts`), blended where they overlap
+    with :func:`~proseg.commands.preprocess.blend_weight` (weighted mean of the probabilities).
+
+    One latent draw per volume: the generator is rewound to its starting state before each window, and every
+    window has the same shape, so every window draws the same random numbers: the image-global latents (ProSeg's
+    tau, the Prob. U-Net's z ...) are shared by all windows and slices, and sample k of rater r is one coherent
+    segmentation across windows. Each window's result is exactly what predicting that window alone with the same
+    generator gives. Returns ``(R, K, D, H, W)`` / ``(K, D, H, W)`` as ``sample_volume``."""
+    h, w = images.shape[-2:]
+    ys, xs = window_starts(h, window, overlap), window_starts(w, window, overlap)
+    start = generator.get_state()
+    if len(ys) == 1 and len(xs) == 1:
+        return sample_volume(model, images[..., :window, :window], mode, num_samples, generator, batch_size)
+    weight = blend_weight(window, blend).to(images.device)
+    acc: torch.Tensor | None = None
+    wsum = torch.zeros(h, w, device=images.device)
+    for y in ys:
+        for x in xs:
+            generator.set_state(start)
+            p = sample_volume(model, images[..., y : y + window, x : x + window], mode, num_samples, generator,
+                              batch_size)
+            if acc is None:
+                acc = torch.zeros(*p.shape[:-2], h, w, device=p.device)
+            acc[..., y : y + window, x : x + window] += p * weight
+            wsum[y : y + window, x : x + window] += weight
+    assert acc is not None
+    return acc / wsum
+
+
+def _window_record(prep: Prepared, window: int, overlap: float) -> dict[str, Any]:
+    if prep.window is None:
+        return {"used": False, "note": f"the input ({prep.hw[0]} x {prep.hw[1]} after crop/resampling) fits in one "
+                                       f"{window} x {window} training window: padded and resized as without "
+                                       "--sliding-window"}
+    h, w = prep.image.shape[-2:]
+    return {"used": True, "windows": len(window_starts(h, window, overlap)) * len(window_starts(w, window, overlap))}
 
 
 def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLike[str],
@@ -90,8 +144,14 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
                  batch_size: int = 32, progress: bool = False, intensity: str | None = None,
                  window: str | Sequence[float] | None = None, percentiles: str | Sequence[float] | None = None,
                  roi: str | Sequence[int] | None = None, resample: bool = False,
-                 spacing: str | Sequence[float] | None = None) -> dict[str, Any]:
+                 spacing: str | Sequence[float] | None = None, sliding_window: bool = False,
+                 overlap: float | None = None, blend: str | None = None) -> dict[str, Any]:
     """Predict every input under ``input_path`` into ``output`` (a folder); returns the report dict.
+
+    ``resample``: resample NIfTI inputs to ``spacing`` (mm), by default the training data's recorded voxel size.
+    ``sliding_window``: predict inputs larger than the training size in windows of that size (``overlap``: fraction
+    shared by neighbours, default 0.25; ``blend``: ``gaussian`` (default) or ``uniform`` weights) instead of
+    shrinking them to it.
 
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. ``progress``: show the inputs done
     on stderr (:mod:`proseg.progress`; a folder of several inputs only)."""
@@ -107,6 +167,7 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     dataset = meta.get("dataset") or {}
     prep_meta = dataset.get("preprocessing") or {}
     target_spacing = _target_spacing(prep_meta, resample, spacing)
+    window, overlap, blend = _window_options(prep_meta, sliding_window, overlap, blend)
     model.to(device)
     rater_names = _rater_names(dataset, model.num_raters)
     notes = _notes(model, meta, prep_meta, override)
@@ -116,6 +177,8 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
                               "threshold": threshold, "notes": notes, "inputs": {},
                               "roi": list(roi_box) if roi_box else None,
                               "spacing": list(target_spacing) if target_spacing else None,
+                              "sliding_window": None if window is None else {"window": window, "overlap": overlap,
+                                                                              "blend": blend},
                               "png_scale": "probabilities and masks x255, variances x1020 (8-bit)"}
     with staged_dir(out) as tmp:
         single = inp.is_file()
@@ -123,12 +186,15 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
         for f in files:
             case = read_input(f)
             maps = predict_case(model, case, prep_meta, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                                threshold=threshold, intensity=override, roi=roi_box, spacing=target_spacing)
+                                threshold=threshold, intensity=override, roi=roi_box, spacing=target_spacing,
+                                window=window, overlap=overlap, blend=blend)
             applied = maps.pop("_intensity", None)
+            windows = maps.pop("_windows", None)
             dest = tmp if single else tmp / stem(f)
             written = write_case(case, maps, dest, rater_names, save_samples)
             report["inputs"][str(f)] = {"output": str(out if single else out / stem(f)), "files": written,
-                                        "intensity": applied}
+                                        "intensity": applied,
+                                        **({"sliding_window": windows} if windows is not None else {})}
             bar.update(1)
         bar.close()
         (tmp / "prediction.json").write_text(dumps(report, indent=2) + "\n")
@@ -186,6 +252,26 @@ def _target_spacing(prep_meta: dict[str, Any], resample: bool,
     if len(vals) not in (2, 3) or not all(np.isfinite(v) and v > 0 for v in vals):
         raise CommandError(f"--spacing takes 2 or 3 positive voxel sizes in mm (x,y[,z]), got {spacing!r}")
     return vals
+
+
+def _window_options(prep_meta: dict[str, Any], sliding_window: bool, overlap: float | None,
+                    blend: str | None) -> tuple[int | None, float, str]:
+    """``(window side or None, overlap, blend)`` of ``--sliding-window`` / ``--overlap`` / ``--blend``."""
+    if not sliding_window:
+        if overlap is not None or blend is not None:
+            raise CommandError("--overlap and --blend set up --sliding-window; pass --sliding-window as well")
+        return None, 0.25, "gaussian"
+    overlap = 0.25 if overlap is None else float(overlap)
+    blend = blend or "gaussian"
+    if not 0.0 <= overlap < 1.0:
+        raise CommandError(f"--overlap must lie in [0, 1) (a fraction of the window), got {overlap}")
+    if blend not in BLENDS:
+        raise CommandError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    size = prep_meta.get("target_size")
+    if not size:
+        raise CommandError("--sliding-window: the checkpoint records no training image size (its dataset was "
+                           "prepared without --size), so there is no window size; predict without --sliding-window")
+    return int(size), overlap, blend
 
 
 def _notes(model: MultiRaterModel, meta: dict[str, Any], prep_meta: dict[str, Any],

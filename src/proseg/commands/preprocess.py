@@ -8,7 +8,11 @@ Forward (:func:`preprocess`), on the input grid the input was read in (NIfTI: ca
    on 8-bit windowed PNGs); computed on the whole input, so a crop is scaled as its whole image;
 2. with ``roi = (y0, x0, h, w)`` the crop ``[y0:y0+h, x0:x0+w]`` of every slice (H, W axes as read);
 3. with ``spacing`` (mm, NIfTI x, y[, z]) a resampling to that voxel size (``scipy.ndimage.zoom``, order 1);
-4. the centred pad-to-square + resize of :mod:`proseg.data.preprocess` to the checkpoint's target size.
+4. the centred pad-to-square + resize of :mod:`proseg.data.preprocess` to the checkpoint's target size; or, with
+   ``window`` (``--sliding-window``: the target size), no resize: the image stays on its own grid (an axis shorter
+   than the window is padded, centred, up to it) and is predicted in windows (:func:`window_starts`,
+   :func:`blend_weight`). An input that fits in one window in both axes falls back to step 4 (``window`` None in
+   the :class:`Prepared`).
 
 Inverse (:func:`unprocess`): model-space maps resized back (bilinear) to the padded square and un-padded, resampled
 back to the crop's grid (order 1: probabilities; masks are thresholded afterwards) and pasted into a map of the
@@ -39,6 +43,7 @@ class Prepared:
     roi: tuple[int, int, int, int] | None = None  # (y0, x0, h, w) on the input grid
     crop_shape: tuple[int, int, int] | None = None  # (D, h, w) before resampling, when resampled
     intensity: Intensity | None = None
+    window: int | None = None  # sliding window: ``image`` is on its own grid (padded by ``pad``), tiled at this side
 
 
 def input_intensity(case: InputCase, prep: dict[str, Any], override: Intensity | None = None) -> Intensity:
@@ -60,8 +65,10 @@ def input_intensity(case: InputCase, prep: dict[str, Any], override: Intensity |
 
 def preprocess(case: InputCase, prep: dict[str, Any], *, intensity: Intensity | None = None,
                roi: tuple[int, int, int, int] | None = None,
-               spacing: tuple[float, ...] | None = None) -> Prepared:
-    """Intensity, crop, resampling and pad/resize as ``proseg prepare`` did for the training data (module doc)."""
+               spacing: tuple[float, ...] | None = None, window: int | None = None) -> Prepared:
+    """Intensity, crop, resampling and pad/resize as ``proseg prepare`` did for the training data (module doc);
+    with ``window`` the image is kept on its own grid for sliding-window inference (padded up to the window where
+    shorter), unless it fits in one window (then pad/resize as without it)."""
     spec = input_intensity(case, prep, intensity)
     image, pad_value = scale_intensity(case.image, spec, str(case.path))
     full = tuple(int(v) for v in image.shape[1:])
@@ -72,11 +79,50 @@ def preprocess(case: InputCase, prep: dict[str, Any], *, intensity: Intensity | 
     if spacing is not None:
         crop_shape = tuple(int(v) for v in image.shape[1:])
         image = resample(image, _zoom_factors(case, spacing))
+    if window is not None and max(image.shape[-2:]) > window:
+        return _for_windows(image, pad_value, window, full, roi, crop_shape, spec)
     size = prep.get("target_size")
     masks = np.zeros((1,) + image.shape[1:], bool)  # pad_resize resizes masks alongside; none here
     out, _, geom = pad_resize(np.ascontiguousarray(image), masks, int(size) if size else None, pad_value)
     return Prepared(out.astype(np.float32), tuple(geom.pad), geom.padded, tuple(geom.orig_hw),  # type: ignore[arg-type]
                     full, roi, crop_shape, spec)  # type: ignore[arg-type]
+
+
+def _for_windows(image: np.ndarray, pad_value: float, window: int, full: tuple[int, ...],
+                 roi: tuple[int, int, int, int] | None, crop_shape: tuple[int, ...] | None,
+                 spec: Intensity) -> Prepared:
+    h, w = (int(v) for v in image.shape[-2:])
+    ph, pw = max(0, window - h), max(0, window - w)
+    pad = (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+    if ph or pw:
+        image = np.pad(image, ((0, 0), (0, 0), pad[:2], pad[2:]), constant_values=pad_value)
+    return Prepared(np.ascontiguousarray(image, np.float32), pad, 0, (h, w), full, roi, crop_shape,  # type: ignore[arg-type]
+                    spec, window)
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Start offsets of windows of side ``window`` covering ``length`` (>= window) with at least ``overlap`` (a
+    fraction of the window, in [0, 1)) between neighbours: the first at 0, the last at ``length - window``, evenly
+    spaced between. ``length == 2 * window`` with overlap 0 gives ``[0, window]``."""
+    if length <= window:
+        return [0]
+    step = max(1, int(window * (1.0 - overlap)))
+    n = int(np.ceil((length - window) / step)) + 1
+    return [int(v) for v in np.round(np.linspace(0, length - window, n))]
+
+
+BLENDS = ("gaussian", "uniform")
+
+
+def blend_weight(window: int, blend: str) -> torch.Tensor:
+    """``(window, window)`` weight of a window's probabilities where windows overlap: ``uniform`` (ones) or
+    ``gaussian`` (centred, sigma = window / 8 as nnU-Net, so window borders count little; at least 1e-4)."""
+    if blend == "uniform":
+        return torch.ones(window, window)
+    c = (window - 1) / 2.0
+    d = torch.arange(window, dtype=torch.float64) - c
+    g = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2.0 * (window / 8.0) ** 2))
+    return (g / g.max()).clamp_min(1e-4).float()
 
 
 def check_roi(roi: tuple[int, int, int, int], hw: tuple[int, int], source: str) -> tuple[int, int, int, int]:
@@ -125,11 +171,12 @@ def resample_to(image: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
 
 
 def unprocess(maps: torch.Tensor, prep: Prepared) -> torch.Tensor:
-    """Map ``(..., size, size)`` model-space maps back to the input grid ``(..., D, H, W)``: bilinear, un-pad,
-    resample back (order 1) and paste into the full grid (zeros outside the ROI)."""
+    """Map ``(..., size, size)`` model-space maps back to the input grid ``(..., D, H, W)``: bilinear (not for
+    sliding-window maps, already on the input's grid), un-pad, resample back (order 1) and paste into the full
+    grid (zeros outside the ROI)."""
     lead = maps.shape[:-2]
     x = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    if x.shape[-1] != prep.padded:
+    if prep.window is None and x.shape[-1] != prep.padded:
         x = F.interpolate(x, size=(prep.padded, prep.padded), mode="bilinear", align_corners=False)
     top, _, left, _ = prep.pad
     h, w = prep.hw

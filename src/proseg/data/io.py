@@ -13,7 +13,9 @@ axes become a case's ``(C, [D,] H, W)`` is the caller's layout (each reader's an
 
 Entry points:
     ``read_nifti(path) -> NiftiVolume(data, affine, zooms, header)``; ``nifti_spatial(data, path)`` (the readers'
-    slice layout: ``(X, Y)`` 2D, ``(X, Y, Z)`` -> ``(Z, X, Y)``);
+    slice layout: ``(X, Y)`` 2D, ``(X, Y, Z)`` -> ``(Z, X, Y)``); ``nifti_to_ras(data, affine, zooms)`` (the
+    closest canonical RAS+ voxel order, as ``nibabel.as_closest_canonical``: how ``prepare`` and ``predict`` read
+    every NIfTI) and ``nifti_ras_like(data, ras)`` (another array of the same grid, e.g. a mask, reoriented alike);
     ``read_png(path, formats=None) -> array`` (any Pillow-readable 2D image);
     ``read_npy(path) -> array``; ``read_npz(path, key=None) -> array | {name: array}``;
     ``read_npz_array(path, prefer=()) -> array`` (the one array of an NPZ, or the first name in ``prefer``);
@@ -36,13 +38,16 @@ from proseg.data.types import DataError
 
 __all__ = [
     "HDF5_SUFFIXES",
+    "RasInfo",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "NiftiVolume",
     "check_finite",
     "file_kind",
     "hdf5_keys",
+    "nifti_ras_like",
     "nifti_spatial",
+    "nifti_to_ras",
     "npz_keys",
     "read_array",
     "read_hdf5",
@@ -161,6 +166,64 @@ def nifti_spatial(data: np.ndarray, path: str | Path) -> np.ndarray:
     if a.ndim == 3:
         return np.moveaxis(a, -1, 0)
     raise _fail(path, f"expected a 2D or 3D NIfTI image, got shape {data.shape}")
+
+
+@dataclass
+class RasInfo:
+    """How :func:`nifti_to_ras` reoriented an array: ``orientation`` the file's axis codes (e.g. ``"LPS"``),
+    ``to_ras`` / ``from_ras`` the nibabel orientation transforms (None when the data was RAS+ already or is kept as
+    stored), ``affine`` and ``zooms`` (x, y[, z] in mm) of the RAS+ image."""
+
+    orientation: str
+    to_ras: np.ndarray | None
+    from_ras: np.ndarray | None
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+
+
+def nifti_to_ras(data: np.ndarray, affine: np.ndarray, zooms: Sequence[float]) -> tuple[np.ndarray, RasInfo]:
+    """``data`` with its three spatial axes reoriented to the closest canonical (RAS+) order
+    (:mod:`nibabel.orientations`, as ``nibabel.as_closest_canonical``; axes past the third, e.g. channels, follow),
+    and the :class:`RasInfo` (original axis codes, the transforms both ways, the RAS+ affine and voxel sizes).
+
+    A 2D slice ``(X, Y)`` / ``(X, Y, 1)`` is reoriented only when its slice axis stays the third one (a sagittal
+    or coronal single slice is kept as stored: reorienting it would move the slice axis in-plane). Data already in
+    RAS+ is returned as it is (the same array)."""
+    from nibabel import orientations as nio
+
+    affine = np.asarray(affine, np.float64)
+    spatial = data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim)
+    arr = data.reshape(spatial + data.shape[3:]) if data.ndim < 3 else data
+    ornt = nio.io_orientation(affine)
+    code = "".join(nio.ornt2axcodes(ornt)) if not np.isnan(ornt).any() else "RAS"
+    to_ras = nio.ornt_transform(ornt, nio.axcodes2ornt(("R", "A", "S")))
+    z3 = (tuple(float(z) for z in zooms[:3]) + (1.0, 1.0, 1.0))[:3]
+    identity = RasInfo(code, None, None, affine, z3[: max(2, data.ndim)])
+    if (data.ndim < 3 or spatial[2] == 1) and int(to_ras[2, 0]) != 2:
+        return data, identity
+    if np.array_equal(to_ras, [[0, 1], [1, 1], [2, 1]]):
+        return data, identity
+    out = nio.apply_orientation(arr, to_ras)
+    ras_zooms = [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(to_ras):
+        ras_zooms[int(axis)] = z3[i]
+    if data.ndim < 3:
+        out = out.reshape(out.shape[:2])
+    info = RasInfo(code, to_ras, nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), ornt),
+                   affine @ nio.inv_ornt_aff(to_ras, spatial), tuple(ras_zooms[: max(2, data.ndim)]))
+    return np.ascontiguousarray(out), info
+
+
+def nifti_ras_like(data: np.ndarray, ras: RasInfo) -> np.ndarray:
+    """``data`` (an array on the same voxel grid as the image ``ras`` came from, e.g. a rater mask) reoriented by
+    the same transform; unchanged when the image was not reoriented."""
+    if ras.to_ras is None:
+        return data
+    from nibabel import orientations as nio
+
+    arr = data.reshape(data.shape + (1,) * (3 - data.ndim)) if data.ndim < 3 else data
+    out = nio.apply_orientation(arr, ras.to_ras)
+    return np.ascontiguousarray(out.reshape(out.shape[:2]) if data.ndim < 3 else out)
 
 
 def read_npy(path: str | Path) -> np.ndarray:

@@ -54,7 +54,9 @@ from proseg.fsutil import sha256_file, staged_dir
 FORMATS = (*READERS, "synthetic")
 STORE_FILES = (*ARRAY_FILES, *META_FILES)  # every file of a store but manifest.json (which lists their sha256)
 
-__all__ = ["FORMATS", "PrepareResult", "check_replaceable", "prepare"]
+__all__ = ["FORMATS", "SPACING_RTOL", "PrepareResult", "check_replaceable", "prepare", "recorded_spacing"]
+
+SPACING_RTOL = 1e-3  # volumes whose voxel sizes agree within this relative tolerance share one spacing
 
 
 @dataclass
@@ -114,7 +116,7 @@ def _process(case: CaseRef, size: int | None, intensity: Intensity, rater_order:
         geometry=geom,
         intensity=spec.mode,
         rater_names=list(s.rater_names),
-        extra={k: v for k, v in s.extra.items() if k in ("series_uid", "nifti_shape", "source_dtype")},
+        extra={k: v for k, v in s.extra.items() if k in ("series_uid", "nifti_shape", "source_dtype", "orientation")},
     )
 
 
@@ -215,6 +217,7 @@ def prepare(
         "resize": {"pad": "centred square, source value 0 (its scaled value)", "image": "bilinear",
                    "masks": "nearest"} if size is not None else None,
         "intensity": Intensity(first.intensity, spec.window, spec.percentiles).record(intensity),
+        **({"spacing": sp} if (sp := recorded_spacing(processed)) is not None else {}),
         "splits": {"num_folds": num_folds, "val_fraction": val_fraction, "seed": seed, "unit": "patient",
                    "source": "random" if given is None else "file",
                    **({} if given is None else {"file": given["file"], "sha256": given["sha256"]})},
@@ -224,6 +227,40 @@ def prepare(
         check_replaceable(out, force)  # again: OUT may have changed while we worked; the swap follows
     return PrepareResult(out, counts["rows"], counts["cases"], counts["patients"], counts["volumes"],
                          len(rater_names), time.perf_counter() - t0)
+
+
+def _nifti_xyz(p: _Processed) -> list[float] | None:
+    """The voxel size of a NIfTI case in NIfTI (x, y[, z]) order (mm), or None for a source without one."""
+    if p.affine is None or len(p.spacing) not in (2, 3):
+        return None
+    sp = [float(v) for v in p.spacing]
+    return sp if len(sp) == 2 else [sp[1], sp[2], sp[0]]  # a volume's spacing is (z, x, y)
+
+
+def recorded_spacing(processed: Sequence[_Processed]) -> dict[str, Any] | None:
+    """The manifest's ``spacing`` entry: the sources' voxel size (RAS+ x, y[, z] in mm, before pad/resize) when
+    every case is a NIfTI image (None otherwise: 2D formats such as PNG have no physical spacing).
+
+    ``{"nifti_xyz": [...], "unit": "mm", "uniform": true}`` when all volumes agree within ``SPACING_RTOL``
+    (relative); else the per-axis median with ``"uniform": false`` and ``"min"`` / ``"max"`` per axis.
+    ``proseg predict --resample`` resamples its inputs to ``nifti_xyz`` by default."""
+    per_volume: dict[str, list[float]] = {}
+    for p in processed:
+        xyz = _nifti_xyz(p)
+        if xyz is None:
+            return None
+        per_volume.setdefault(p.volume_id, xyz)
+    n_axes = min(len(v) for v in per_volume.values())
+    arr = np.array([v[:n_axes] for v in per_volume.values()], np.float64)
+    if not np.isfinite(arr).all() or (arr <= 0).any():
+        return None
+    ref = arr[0]
+    uniform = bool(np.all(np.abs(arr - ref) <= SPACING_RTOL * np.abs(ref)))
+    if uniform:
+        return {"nifti_xyz": [float(v) for v in ref], "unit": "mm", "uniform": True}
+    return {"nifti_xyz": [float(v) for v in np.median(arr, axis=0)], "unit": "mm", "uniform": False,
+            "min": [float(v) for v in arr.min(axis=0)], "max": [float(v) for v in arr.max(axis=0)],
+            "volumes": len(per_volume)}
 
 
 def _current_intensity(intensity: str) -> str:

@@ -74,6 +74,8 @@ def store_stats(store: Store, chunk: int = 1024) -> dict[str, Any]:
         "rater_names": store.rater_names,
         "rater_order": m["rater_order"],
         "intensity": recorded_intensity(m.get("intensity")),
+        "intensity_params": {k: v for k, v in m["intensity"].items() if k in ("window", "percentiles")}
+        if isinstance(m.get("intensity"), dict) else {},
         "target_size": m["target_size"],
         "rater_present_fraction": (n_present / max(n, 1)).tolist(),
         "empty_fraction": empty_frac.tolist(),
@@ -82,5 +84,6 @@ def store_stats(store: Store, chunk: int = 1024) -> dict[str, Any]:
         "splits": {"seed": store.splits["seed"], "num_folds": store.num_folds,
                    "val_fraction": store.splits["val_fraction"], "folds": splits,
                    "source": store.splits.get("source", "random"),
+                   "val_drawn": list(store.splits.get("val_drawn", [True] * store.num_folds)),
                    **{k: store.splits[k] for k in ("file", "sha256") if k in store.splits}},
     }

@@ -17,9 +17,10 @@ from proseg.engine.types import CaseData, TrainData
 from proseg.errors import ConfigError, DataError
 
 # Manifest entries a checkpoint keeps (``model.json`` -> ``dataset.preprocessing``): ``proseg predict`` prepares raw
-# inputs with ``intensity`` (its ``mode``) and ``target_size`` as ``proseg prepare`` did, and the dataset check
-# (:mod:`proseg.engine.compat`) compares all three with the store it scores.
-PREPROCESSING_KEYS = ("intensity", "target_size", "rater_order")
+# inputs with ``intensity`` (its ``mode``) and ``target_size`` as ``proseg prepare`` did, ``--resample`` targets the
+# recorded ``spacing`` (NIfTI stores only; older stores and 2D sources have none), and the dataset check
+# (:mod:`proseg.engine.compat`) compares intensity, target size and rater order with the store it scores.
+PREPROCESSING_KEYS = ("intensity", "target_size", "rater_order", "spacing")
 
 
 def open_dataset(path: str, verify: bool = True) -> Store:

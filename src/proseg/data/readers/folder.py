@@ -5,8 +5,9 @@ Patterns are paths relative to ``src`` in which ``*`` matches within one path co
 e.g. ``images/{case}.png`` with ``masks/{rater}/{case}.png``. Files: NIfTI, PNG (and other Pillow formats),
 NPY or single-array NPZ.
 
-Layouts: PNG ``(H,W)`` or ``(H,W,C)`` -> ``(C,H,W)``; NIfTI as in the QUBIQ reader (``(X,Y)`` 2D, ``(X,Y,Z)`` a
-volume with slices along z); NPY/NPZ ``(H,W)``, ``(C,H,W)``; with ``ndim=3``: ``(D,H,W)`` or ``(C,D,H,W)``.
+Layouts: PNG ``(H,W)`` or ``(H,W,C)`` -> ``(C,H,W)``; NIfTI as in the QUBIQ reader (read in RAS+, then ``(X,Y)``
+2D, ``(X,Y,Z)`` a volume with slices along z; a non-RAS source records ``extra["orientation"]``; NIfTI masks are
+reoriented with their image's transform); NPY/NPZ ``(H,W)``, ``(C,H,W)``; with ``ndim=3``: ``(D,H,W)`` or ``(C,D,H,W)``.
 Masks have the image's spatial shape. Patient id: ``patient_regex`` applied to the case id (its ``patient``
 group or group 1), else the case id itself. Rater names: the ``{rater}`` values, naturally sorted.
 """
@@ -18,7 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from proseg.data.io import check_finite, file_kind, nifti_spatial, read_array, to_binary_mask
+from proseg.data.io import (
+    RasInfo,
+    check_finite,
+    file_kind,
+    nifti_ras_like,
+    nifti_spatial,
+    nifti_to_ras,
+    read_array,
+    to_binary_mask,
+)
 from proseg.data.readers.base import CaseRef, natural_key, no_cases, require_dir
 from proseg.data.types import DataError, Sample
 
@@ -129,10 +139,10 @@ def _to_image(arr: np.ndarray, path: Path, ndim: int) -> np.ndarray:
     return np.moveaxis(arr, -1, 0)
 
 
-def _to_mask(arr: np.ndarray, path: Path) -> np.ndarray:
+def _to_mask(arr: np.ndarray, path: Path, ras: RasInfo | None) -> np.ndarray:
     kind = file_kind(path)
     if kind == "nifti":
-        return nifti_spatial(arr, path)
+        return nifti_spatial(arr if ras is None else nifti_ras_like(arr, ras), path)
     if arr.ndim == 3 and kind == "image":
         return arr[..., 0]
     return arr
@@ -142,12 +152,17 @@ def _loader(case: str, pid: str, img_path: Path, mask_paths: dict[str, Path], na
     def load() -> Sample:
         arr, affine, zooms = read_array(img_path)
         check_finite(arr, img_path)
+        source_dtype = str(arr.dtype)
+        ras = None
+        if affine is not None and file_kind(img_path) == "nifti":
+            arr, ras = nifti_to_ras(arr, affine, zooms)
+            affine, zooms = ras.affine, ras.zooms
         image = _to_image(arr, img_path, ndim)
         spatial = image.shape[1:]
         masks = np.zeros((len(names),) + spatial, bool)
         present = np.zeros(len(names), bool)
         for rater, mp in mask_paths.items():
-            m = _to_mask(read_array(mp)[0], mp)
+            m = _to_mask(read_array(mp)[0], mp, ras)
             if m.shape != spatial:
                 raise DataError(f"{mp}: image/mask shape mismatch: mask {m.shape} vs image {spatial}")
             i = names.index(rater)
@@ -167,7 +182,8 @@ def _loader(case: str, pid: str, img_path: Path, mask_paths: dict[str, Path], na
             spacing=tuple(float(s) for s in spacing),
             affine=affine,
             source=str(img_path),
-            extra={"source_dtype": str(arr.dtype)},
+            extra={"source_dtype": source_dtype,
+                   **({"orientation": ras.orientation} if ras is not None and ras.to_ras is not None else {})},
         )
 
     return load

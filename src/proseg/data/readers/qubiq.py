@@ -4,8 +4,11 @@
 hold several tasks (QUBIQ brain-tumor has ``task01``..``task03``): then ``task`` (e.g. ``"task01"``) must say
 which; with one task it is found automatically. Rater ``segMM`` is the same person in every case.
 
-Arrays keep the NIfTI axis order: a 2D image ``(X, Y)`` (or ``(X, Y, 1)``) becomes ``(1, X, Y)``; a 3D image
-``(X, Y, Z)`` becomes the volume ``(1, Z, X, Y)`` (slices along z). The affine and voxel sizes are kept.
+Images and masks are read in the closest canonical orientation (RAS+, :func:`proseg.data.io.nifti_to_ras`, as
+``proseg predict`` reads its inputs), then keep the NIfTI axis order: a 2D image ``(X, Y)`` (or ``(X, Y, 1)``)
+becomes ``(1, X, Y)``; a 3D image ``(X, Y, Z)`` becomes the volume ``(1, Z, X, Y)`` (slices along z). The affine
+and voxel sizes of the RAS+ image are kept; a source in another orientation records its codes in
+``extra["orientation"]`` (e.g. ``"LPS"``). Masks are reoriented with their image's transform (same voxel grid).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from proseg.data.io import check_finite, nifti_spatial, read_nifti, to_binary_mask
+from proseg.data.io import check_finite, nifti_ras_like, nifti_spatial, nifti_to_ras, read_nifti, to_binary_mask
 from proseg.data.readers.base import CaseRef, natural_key, no_cases, require_dir
 from proseg.data.types import DataError, Sample
 
@@ -77,17 +80,18 @@ def _loader(d: Path, segs: dict[str, Path], names: list[str]):
         img_path = next(iter(sorted(d.glob("image.nii*"))))
         vol = read_nifti(img_path)
         check_finite(vol.data, img_path)
-        img = nifti_spatial(vol.data, img_path)
+        data, ras = nifti_to_ras(vol.data, vol.affine, vol.zooms)
+        img = nifti_spatial(data, img_path)
         masks = np.zeros((len(names),) + img.shape, bool)
         present = np.zeros(len(names), bool)
         for name, path in segs.items():
-            m = nifti_spatial(read_nifti(path).data, path)
+            m = nifti_spatial(nifti_ras_like(read_nifti(path).data, ras), path)
             if m.shape != img.shape:
                 raise DataError(f"{path}: image/mask shape mismatch: mask {m.shape} vs image {img.shape}")
             i = names.index(name)
             masks[i] = to_binary_mask(m, path)
             present[i] = True
-        zooms = vol.zooms[: vol.data.ndim]
+        zooms = ras.zooms
         spacing = tuple(zooms[:2]) if img.ndim == 2 else (zooms[2], zooms[0], zooms[1])
         return Sample(
             image=img[None].astype(np.float32),
@@ -97,9 +101,10 @@ def _loader(d: Path, segs: dict[str, Path], names: list[str]):
             patient_id=d.name,
             rater_names=list(names),
             spacing=tuple(float(s) for s in spacing),
-            affine=vol.affine,
+            affine=ras.affine,
             source=str(img_path),
-            extra={"source_dtype": str(vol.data.dtype), "nifti_shape": list(vol.data.shape)},
+            extra={"source_dtype": str(vol.data.dtype), "nifti_shape": list(vol.data.shape),
+                   **({"orientation": ras.orientation} if ras.to_ras is not None else {})},
         )
 
     return load
