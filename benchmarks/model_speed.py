@@ -14,7 +14,24 @@ RSS) on random data: ``(B, C, size, size)`` images, R raters, all present. Colum
 * ``peak RSS``: the subprocess's peak resident memory after the fp32 B=16 steps (GB);
 * ``52 samples``: one image, ``sample_diverse(K=52)`` (personalized with ceil(52/R) per rater when a model has no
   diverse output), eval mode, ``inference_mode``; ``+1 sample``: ``(t(K=152) - t(K=52)) / 100``;
-* ``params``: parameter count (millions).
+* ``params``: parameter count (millions);
+* ``GFLOP/step``: ``torch.utils.flop_counter.FlopCounterMode`` over one fp32 ``loss + backward`` at the largest
+  batch (matmul/conv-like ops only, as the counter counts: elementwise work and Adam are not in it; 1 MAC = 2 FLOP).
+
+``--components`` (default: on for ``proseg`` rows) adds per-component CPU times of a step (backbone, statistic
+heads, Z sampling, seg head, remap + reconstruction, loss terms; forward and backward) and of 52 diverse samples,
+from ``torch.profiler`` and the ``record_function`` labels in ProSeg's code (``benchmarks/components.py``).
+
+Reference rows: with ``--ref-code DIR`` (the ``ProSeg/code`` folder of a checkout of github AI4MOL/ProSeg, or
+the checkout's root) and ``--ref-python VENV/bin/python`` (a venv made by ``../shared/tools/refbench/setup.sh``),
+the reference's step (at the largest batch), peak RSS and 52-sample ``test_step`` are timed by ``--refbench``
+(default ``../shared/tools/refbench/bench_ref.py``) in the same run, alternating with ours: for each of
+``--rounds`` rounds and each model in ``--compare`` (default ``proseg:default proseg:reference``) the order is
+reference, ours, so every ours-row has a reference run next to it. The reference's GFLOP/step is counted by
+running ``bench_ref.py --steps 1`` under ``FlopCounterMode`` in its venv (warm-up + 1 step, halved). Ratios
+(ours / reference) per column are printed from the paired runs (median over the rounds). The reference row's
+``+1 sample`` is not measurable through ``bench_ref.py`` (it only times 52). ``--ref-calibration`` also times
+the reference venv's plain smp ResNet-34 U-Net beside our ``backbone:resnet34_unet`` (a machine check).
 
 The row ``backbone:resnet34_unet`` is a calibration point: a plain smp-style ResNet-34 U-Net with a 3x3 head
 and BCE (the issue's "plain ResNet-34 U-Net step"), so times can be compared across machines as ratios.
@@ -32,7 +49,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+REFBENCH_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "refbench" / "bench_ref.py"
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -123,6 +143,20 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         res[f"step_fp32_b{bs}"] = _median_time(lambda b=b: step(b, False), args.steps)
         if bs == max(args.batch_sizes):
             res["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    if not args.no_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        b = batch(max(args.batch_sizes))
+        opt.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as fc:
+            model.loss(b)["loss"].backward()
+        res["gflop_step"] = fc.get_total_flops() / 1e9
+        opt.zero_grad(set_to_none=True)
+    want_comp = args.components == "on" or (args.components == "auto" and name == "proseg")
+    if want_comp:
+        from components import profile_sampling, profile_step
+
+        res["components"] = profile_step(model, batch(max(args.batch_sizes)), opt, steps=2)
     res["bf16_isa"] = _bf16_isa()
     if not args.no_bf16 and (res["bf16_isa"] or args.force_bf16):
         for bs in args.batch_sizes:
@@ -149,6 +183,8 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         res["sample_call"] = "diverse" if diverse else "personalized"
     except NotImplementedError as exc:  # NotSupportedError for both calls
         res["sample_call"] = f"n/a ({exc})"
+    if want_comp and diverse:
+        res["sample_components"] = profile_sampling(model, x, 52)
     res["peak_rss_total_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return res
 
@@ -163,16 +199,79 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     cols = [f"step fp32 B={b} (s)" for b in batch_sizes] + [f"step bf16 B={b} (s)" for b in batch_sizes]
-    cols += ["peak RSS (GB)", "52 samples (ms)", "+1 sample (ms)", "params (M)"]
+    cols += ["peak RSS (GB)", "52 samples (ms)", "+1 sample (ms)", "params (M)", "GFLOP/step"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error']} |")
             continue
         vals = [r.get(f"step_fp32_b{b}") for b in batch_sizes] + [r.get(f"step_bf16_b{b}") for b in batch_sizes]
-        vals += [r.get("peak_rss_GB"), r.get("sample52_ms"), r.get("per_sample_ms"), r.get("params_M")]
-        cells = [_fmt(v, 1 if i in (len(vals) - 3, len(vals) - 2) else 2) for i, v in enumerate(vals)]
+        vals += [r.get("peak_rss_GB"), r.get("sample52_ms"), r.get("per_sample_ms"), r.get("params_M"),
+                 r.get("gflop_step")]
+        cells = [_fmt(v, 1 if i in (len(vals) - 4, len(vals) - 3, len(vals) - 1) else 2) for i, v in enumerate(vals)]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_REF_FLOPS = r"""
+import runpy, sys
+from torch.utils.flop_counter import FlopCounterMode
+sys.argv = [sys.argv[1], "--batch", sys.argv[2], "--steps", "1", "--threads", sys.argv[3]]
+with FlopCounterMode(display=False) as fc:
+    runpy.run_path(sys.argv[0], run_name="__main__")  # warm-up step + 1 timed step, forward + backward each
+print("GFLOP_PER_STEP", fc.get_total_flops() / 2 / 1e9)
+"""
+
+
+def run_reference(args: argparse.Namespace, model: str = "proseg", flops: bool = False) -> dict[str, Any]:
+    """One ``bench_ref.py`` run in the reference venv -> a row in this script's units (or ``{"error": ...}``)."""
+    code = Path(args.ref_code)
+    if (code / "ProSeg" / "code").is_dir():
+        code = code / "ProSeg" / "code"
+    env = {**os.environ, "REF": str(code)}
+    threads = str(args.threads or os.cpu_count() or 1)
+    B = max(args.batch_sizes)
+    label = "reference code" if model == "proseg" else "reference venv smp U-Net"
+    cmd = [args.ref_python, args.refbench, "--batch", str(B), "--steps", str(args.steps), "--threads", threads,
+           "--model", model] + (["--samples"] if model == "proseg" else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
+        return {"model": label, "error": err}
+    j = json.loads(lines[-1])
+    row: dict[str, Any] = {"model": label, "impl": "reference", f"step_fp32_b{B}": j.get("step_median_s"),
+                           "peak_rss_GB": j["peak_rss_mb"] / 1024 if "peak_rss_mb" in j else None,
+                           "sample52_ms": j.get("test_step_52_ms"), "params_M": j.get("params", 0) / 1e6,
+                           "threads": j.get("threads"), "raw": j}
+    if flops and model == "proseg" and not args.no_flops:
+        fp = subprocess.run([args.ref_python, "-c", _REF_FLOPS, args.refbench, str(B), threads],
+                            capture_output=True, text=True, env=env)
+        got = [ln for ln in fp.stdout.splitlines() if ln.startswith("GFLOP_PER_STEP")]
+        row["gflop_step"] = float(got[-1].split()[1]) if got else None
+    return row
+
+
+RATIO_KEYS = ("step_fp32_b{B}", "peak_rss_GB", "sample52_ms", "gflop_step")
+
+
+def ratio_table(pairs: list[tuple[dict[str, Any], dict[str, Any]]], B: int) -> str:
+    """Median over rounds of ours / reference per column, for each compared model."""
+    keys = [k.format(B=B) for k in RATIO_KEYS]
+    by_model: dict[str, list[dict[str, float]]] = {}
+    for ref, ours in pairs:
+        if "error" in ref or "error" in ours:
+            continue
+        d = {k: ours[k] / ref[k] for k in keys if ours.get(k) is not None and ref.get(k)}
+        by_model.setdefault(ours["model"], []).append(d)
+    lines = [f"| ours / reference | step B={B} | peak RSS | 52 samples | GFLOP/step | rounds |",
+             "|---|---|---|---|---|---|"]
+    for m, ds in by_model.items():
+        cells = []
+        for k in keys:
+            vals = [d[k] for d in ds if k in d]
+            cells.append(f"{statistics.median(vals):.3f}" if vals else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(ds)} |")
     return "\n".join(lines)
 
 
@@ -191,6 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force-bf16", action="store_true", help="time bf16 autocast even without a bf16 ISA")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--components", choices=("auto", "on", "off"), default="auto",
+                   help="per-component profile (auto: proseg rows only)")
+    p.add_argument("--no-flops", action="store_true", help="skip the GFLOP/step count")
+    p.add_argument("--ref-code", default=None, help="ProSeg/code folder of a checkout of AI4MOL/ProSeg")
+    p.add_argument("--ref-python", default=None, help="python of a venv that runs the reference")
+    p.add_argument("--refbench", default=str(REFBENCH_DEFAULT), help="path of bench_ref.py")
+    p.add_argument("--compare", nargs="*", default=["proseg:default", "proseg:reference"],
+                   help="our models timed alternately with the reference")
+    p.add_argument("--rounds", type=int, default=1, help="reference/ours alternation rounds per compared model")
+    p.add_argument("--ref-calibration", action="store_true",
+                   help="also alternate the reference venv's smp U-Net with backbone:resnet34_unet")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -210,22 +320,63 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"# {args.size}x{args.size}, C={args.channels}, R={args.raters}, CPU threads={os.cpu_count()}, "
           f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    for spec in args.models:
+    passthrough += ["--components", args.components] + (["--no-flops"] if args.no_flops else [])
+
+    def ours(spec: str) -> dict[str, Any]:
         proc = subprocess.run([sys.executable, __file__, "--worker", spec, *passthrough],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            rows.append({"model": spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "?"})
+            row = {"model": spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "?"}
         else:
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"# done {spec}: {rows[-1]}", file=sys.stderr, flush=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"# done {spec}: { {k: v for k, v in row.items() if 'components' not in k} }", file=sys.stderr,
+              flush=True)
+        return row
+
+    with_ref = bool(args.ref_code and args.ref_python)
+    if bool(args.ref_code) != bool(args.ref_python):
+        p.error("--ref-code and --ref-python go together")
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    ref_rows: list[dict[str, Any]] = []
+    done: dict[str, dict[str, Any]] = {}
+    if with_ref:
+        compare = list(args.compare) + (["backbone:resnet34_unet"] if args.ref_calibration else [])
+        for rnd in range(args.rounds):
+            for spec in compare:  # reference, ours, reference, ours, ...
+                kind = "smp_unet" if spec.startswith("backbone:") else "proseg"
+                ref = run_reference(args, kind, flops=(rnd == 0 and kind == "proseg" and not ref_rows))
+                ref["model"] += f" (round {rnd + 1}, before {spec})"
+                ref_rows.append(ref)
+                print(f"# done {ref['model']}: { {k: v for k, v in ref.items() if k != 'raw'} }", file=sys.stderr,
+                      flush=True)
+                row = ours(spec)
+                pairs.append((ref, row))
+                done.setdefault(spec, row)  # the first round's row goes into the table
+        flop_ref = next((r.get("gflop_step") for r in ref_rows if r.get("gflop_step")), None)
+        for r in ref_rows:  # one count (deterministic) for every reference row
+            if "error" not in r and r.get("model", "").startswith("reference code"):
+                r["gflop_step"] = flop_ref
+    for spec in list(args.models) + [s for s in done if s not in args.models]:
+        rows.append(done[spec] if spec in done else ours(spec))
+    rows += [r for r in ref_rows]
     print(table(rows, args.batch_sizes))
+    if with_ref:
+        print()
+        print(ratio_table(pairs, max(args.batch_sizes)))
+        if any("error" in r for r in ref_rows):
+            print("# reference runs failed: " + "; ".join(r["error"] for r in ref_rows if "error" in r))
+    from components import components_table
+
+    if any(r.get("components") for r in rows):
+        print()
+        print(components_table(rows))
     if rows and not any(r.get("bf16_isa") for r in rows):
         print("# bf16 columns empty: this CPU has no native bf16 (AVX512-BF16/AMX); --force-bf16 times it anyway")
     load = os.getloadavg()
     print(f"# load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+            json.dump({"rows": rows, "pairs": pairs}, fh, indent=2)
     return 0
 
 

@@ -5,7 +5,9 @@ and fold (best checkpoint on the fold's *validation* part, never the test part),
 in diverse mode (K samples per case) and personalized mode (K per rater, averaged) under both metric
 conventions, and tabulated beside two floors (an all-empty predictor, the training-set mean mask) and the
 inter-rater ceiling. On LIDC every table is also split into slices where every rater drew something and
-slices where at least one rater left the slice empty.
+slices where at least one rater left the slice empty. Beside each main table a "diversity and calibration" table
+lists d_aa (``ged_labels``), d_pp (``ged_preds``), their ratio, the pixel variances, the ambiguity share
+(personalized) and the Brier / foreground Brier / ECE of the soft mean (docs/metrics.md).
 
     proseg prepare lidc-kaggle ../shared/data/lidc-idri-slices data/lidc --rater-order area-ranked
     python benchmarks/quality.py --dataset lidc --data data/lidc --out bench/lidc --budget-min 15
@@ -52,6 +54,12 @@ DEFAULT_MODELS = [
 DIVERSE_KEYS = ("ged", "ged_cross", "ged_labels", "ged_preds", "dice_soft", "dice_max", "dice_max_reverse",
                 "dice_match", "ci_score")
 PERSONAL_KEYS = ("dice_per_rater_mean", "dice_match", "dice_max", "ged")
+# Does the spread carry the raters' disagreement? (proseg.metrics.calibration; ambiguity_share is personalized only)
+DIVERSE_SPREAD_KEYS = ("ged_labels", "ged_preds", "diversity_ratio", "sample_variance", "rater_variance", "brier",
+                       "brier_fg", "ece")
+PERSONAL_SPREAD_KEYS = ("ged_labels", "ged_preds", "diversity_ratio", "ambiguity_share", "sample_variance",
+                        "rater_variance", "brier", "brier_fg", "ece")
+PERCENT_PREFIXES = ("dice", "ci_")  # shown x100; every other metric with 4 decimals
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,8 +271,8 @@ def table(records: list[dict[str, Any]], mode: str, conv: str, keys: tuple[str, 
         cells = []
         for key in keys:
             m, s, _ = mean_std([r.get(key, math.nan) for r in recs])
-            cells.append("–" if math.isnan(m) else (f"{m:.4f} ± {s:.4f}" if key.startswith("ged")
-                                                    else f"{100 * m:.2f} ± {100 * s:.2f}"))
+            cells.append("–" if math.isnan(m) else (f"{100 * m:.2f} ± {100 * s:.2f}" if key.startswith(PERCENT_PREFIXES)
+                                                    else f"{m:.4f} ± {s:.4f}"))
         lines.append(f"| {label} | {len(recs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -335,13 +343,15 @@ def main() -> None:
         subsets = ["all"] + (["all raters drew", "some rater empty"] if args.dataset == "lidc" else [])
         for conv in CONVENTIONS:
             for subset in subsets:
-                for mode, keys in (("diverse", DIVERSE_KEYS), ("personalized", PERSONAL_KEYS)):
+                for mode, keys, spread in (("diverse", DIVERSE_KEYS, DIVERSE_SPREAD_KEYS),
+                                           ("personalized", PERSONAL_KEYS, PERSONAL_SPREAD_KEYS)):
                     if mode == "personalized" and not personalized_at(args, k):
                         continue
                     title = f"K={k}, {mode}, {conv} convention, {subset} slices"
-                    t = table(records, mode, conv, keys, subset, flags, order)
-                    results["tables"][title] = t
-                    md.append(f"\n### {title}\n\n{t}\n")
+                    for name, cols in ((title, keys), (f"{title}, diversity and calibration", spread)):
+                        t = table(records, mode, conv, cols, subset, flags, order)
+                        results["tables"][name] = t
+                        md.append(f"\n### {name}\n\n{t}\n")
     md.append("\n### Training cost\n\n| model | budget (s) | wall (s) | steps | peak RSS (MiB) |")
     md.append("|---|---|---|---|---|")
     for label, st in train_stats.items():

@@ -5,8 +5,10 @@ Writes into the output folder (all-or-nothing: a temp folder renamed at the end)
 * ``metrics.json``: per mode and convention the dataset mean ± std (ddof=0) of every metric
   (:func:`proseg.metrics.aggregate`), with the estimator, K, thresholds, the checkpoint's sha256, the dataset's
   manifest checksum, split and fold (``split`` ``all``: every case of the store, ``fold`` null; for scoring a
-  store prepared from other patients, an external test set);
-* ``cases.csv``: one row per (case, mode, convention);
+  store prepared from other patients, an external test set); ``results_by_subset``: per mode, convention and
+  subset (``all``, ``every_rater_drew``, ``some_rater_empty``; :data:`proseg.engine.evaluation.SUBSETS`) the same
+  aggregate over those cases only (null for a subset without cases);
+* ``cases.csv``: one row per (case, mode, convention), with its ``subset`` tag;
 * ``figures/<case>.png`` for the first ``num_figures`` cases (:func:`proseg.viz.figures.case_figure`).
 
 The job in steps: resolve the options (:func:`resolve_options`: the call's, else the run's ``eval`` section),
@@ -17,6 +19,7 @@ load and check the checkpoint and the data (:func:`load_inputs`), sample and sco
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -32,7 +35,7 @@ from proseg.engine.compat import check_dataset_matches
 from proseg.engine.config import Config, EvalConfig, load_config
 from proseg.engine.data import case_loader, open_dataset
 from proseg.engine.distributed import DistInfo, barrier, env_dist_info, init_distributed, resolve_device
-from proseg.engine.evaluation import MODES, evaluate_cases, resolve_modes, supports
+from proseg.engine.evaluation import MODES, SUBSETS, evaluate_cases, resolve_modes, supports
 from proseg.engine.types import CaseData
 from proseg.errors import CommandError, DataError, ProsegWarning
 from proseg.fsutil import check_writable, sha256_file, staged_dir
@@ -44,7 +47,13 @@ from proseg.models.base import WEIGHTS_NAME, MultiRaterModel, read_model_meta
 from proseg.viz.figures import case_figure
 
 EVAL_SPLITS = (*SPLITS, "all")  # "all": every case of the store, whatever its folds
-SUMMARY_KEYS = ("ged", "dice_soft", "dice_max", "dice_match", "ci_score")
+SUMMARY_KEYS = ("ged", "ged_labels", "ged_preds", "diversity_ratio", "dice_soft", "dice_max", "dice_match",
+                "ci_score")
+SUMMARY_DETAIL_KEYS = ("ambiguity_share", "sample_variance", "rater_variance", "brier", "brier_fg", "ece")
+"""The diversity and calibration metrics the summary lists on an indented line per mode and convention."""
+SUMMARY_SUBSET_KEYS = ("ged",)
+"""The metrics the summary lists per subset (``every_rater_drew``, ``some_rater_empty``) on an indented line."""
+REPORT_SUBSETS = ("all", *SUBSETS)
 SUMMARY_PER_RATER_KEYS = {"personalized": ("dice_per_rater", "dice_per_rater_matched")}
 """Per mode, the per-rater metrics (``aggregate``'s ``per_rater``) the summary lists, one line each: for
 personalized mode the index-aligned per-rater Dice (rater r's prediction against rater r, the personalization
@@ -235,11 +244,13 @@ def build_report(ckpt_dir: Path, opts: EvalOptions, loaded: EvalInputs, records:
                  skipped: int, seconds: float, info: DistInfo) -> dict[str, Any]:
     """The ``metrics.json`` content: what was scored, how, and per mode and convention the aggregate."""
     results: dict[str, dict[str, Any]] = {}
+    by_subset: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in loaded.modes:
         for conv in opts.conventions:
             recs = [r for r in records if r["mode"] == mode and r["convention"] == conv]
             if recs:
                 results.setdefault(mode, {})[conv] = aggregate(recs, thresholds=opts.thresholds)
+                by_subset.setdefault(mode, {})[conv] = subset_summaries(recs, opts.thresholds)
     meta = loaded.meta
     return {
         "checkpoint": str(ckpt_dir),
@@ -268,7 +279,18 @@ def build_report(ckpt_dir: Path, opts: EvalOptions, loaded: EvalInputs, records:
         "git_commit": git_commit(),
         "warnings": loaded.warnings,
         "results": results,
+        "results_by_subset": by_subset,
     }
+
+
+def subset_summaries(records: list[dict[str, Any]], thresholds: Sequence[float]) -> dict[str, Any]:
+    """``{subset: aggregate or None}`` for :data:`REPORT_SUBSETS` over the records of one mode and convention:
+    ``all`` is every record, the others those whose ``subset`` tag matches (None when there is none)."""
+    out: dict[str, Any] = {}
+    for subset in REPORT_SUBSETS:
+        recs = records if subset == "all" else [r for r in records if r.get("subset") == subset]
+        out[subset] = aggregate(recs, thresholds=thresholds) if recs else None
+    return out
 
 
 def write_outputs(opts: EvalOptions, loaded: EvalInputs, report: dict[str, Any], records: list[dict[str, Any]],
@@ -295,24 +317,55 @@ def _safe_name(case_id: str) -> str:
 
 
 def summary_table(report: dict[str, Any], keys: Sequence[str] = SUMMARY_KEYS,
-                  per_rater_keys: dict[str, tuple[str, ...]] | None = None) -> str:
+                  per_rater_keys: dict[str, tuple[str, ...]] | None = None,
+                  detail_keys: Sequence[str] = SUMMARY_DETAIL_KEYS,
+                  subset_keys: Sequence[str] = SUMMARY_SUBSET_KEYS) -> str:
     """A small text table of the means ± std for printing: one line per mode and convention, then, indented,
     one line per per-rater metric of that mode (``[i]=mean±std``, entry i of ``per_rater``; default
-    :data:`SUMMARY_PER_RATER_KEYS`)."""
+    :data:`SUMMARY_PER_RATER_KEYS`), one line of the diversity and calibration metrics (``detail_keys``) and one
+    line of ``subset_keys`` per subset (``every_rater_drew``, ``some_rater_empty``, from ``results_by_subset``).
+    A metric that was undefined for some cases (NaN, left out) is followed by ``(n=…)``; an indented line is
+    printed only when it has something to show."""
     per_rater_keys = SUMMARY_PER_RATER_KEYS if per_rater_keys is None else per_rater_keys
+    by_subset = report.get("results_by_subset") or {}
     lines = []
     for mode, by_conv in report["results"].items():
         for conv, summ in by_conv.items():
-            cells = []
-            for k in keys:
-                m = summ["metrics"].get(k)
-                if m is not None:
-                    cells.append(f"{k}={m['mean']:.4f}±{m['std']:.4f}")
-            lines.append(f"{mode:<12} {conv:<9} " + "  ".join(cells))
+            lines.append(f"{mode:<12} {conv:<9} " + "  ".join(_cells(summ, keys)))
             for k in per_rater_keys.get(mode, ()):
                 pr = summ.get("per_rater", {}).get(k)
                 if pr is not None:
                     pairs = zip(pr["mean"], pr["std"], strict=True)
                     cells = [f"[{i}]={mu:.4f}±{sd:.4f}" for i, (mu, sd) in enumerate(pairs)]
                     lines.append(f"{'':<22} {k:<22} " + "  ".join(cells))
+            detail = _cells(summ, detail_keys)
+            if detail:
+                lines.append(f"{'':<22} {'diversity/calibration':<22} " + "  ".join(detail))
+            subsets = by_subset.get(mode, {}).get(conv) or {}
+            cells = []
+            for name in SUBSETS:
+                if name not in subsets:
+                    continue
+                sub = subsets[name]
+                got = _cells(sub, subset_keys, always_n=True) if sub is not None else []
+                cells.append(f"{name}: " + ("  ".join(got) if got else "no cases"))
+            if cells:
+                lines.append(f"{'':<22} {'by subset':<22} " + "   ".join(cells))
     return "\n".join(lines)
+
+
+def _cells(summ: dict[str, Any], keys: Sequence[str], *, always_n: bool = False) -> list[str]:
+    """``key=mean±std`` for the keys the aggregate has, ``(n=…)`` after it when fewer cases than the aggregate's
+    (or always with ``always_n``)."""
+    cells = []
+    total = summ.get("num_cases")
+    for k in keys:
+        m = summ["metrics"].get(k)
+        if m is None:
+            continue
+        mean, std = (math.nan if v is None else v for v in (m["mean"], m["std"]))  # null in a metrics.json read back
+        cell = f"{k}={mean:.4f}±{std:.4f}"
+        if always_n or (total is not None and m.get("n", total) != total):
+            cell += f" (n={m.get('n')})"
+        cells.append(cell)
+    return cells

@@ -13,6 +13,12 @@ Modes:
 Raters absent from a case (``rater_present`` False on every slice) are dropped from its labels and, in the
 personalized mode, their predictions too, so index alignment is kept. A case with no present rater is skipped
 and counted.
+
+Besides the ``case_metrics`` keys, every record has a ``subset`` tag (:data:`SUBSETS`, :func:`case_subset`):
+``every_rater_drew`` (every present rater's mask is non-empty somewhere in the case) or ``some_rater_empty``
+(at least one present rater's mask is empty); personalized records also have ``ambiguity_share``
+(:func:`proseg.metrics.calibration.ambiguity_share` of the present raters' raw samples ``(N, K, *S)``; the same
+value under every convention).
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ from proseg.engine.seeding import case_seed
 from proseg.engine.types import CaseData
 from proseg.errors import ConfigError, DataError
 from proseg.metrics import DEFAULT_THRESHOLDS, case_metrics
+from proseg.metrics.calibration import ambiguity_share
 from proseg.metrics.case import LIST_KEYS
 from proseg.models.base import MultiRaterModel, NotSupportedError
 from proseg.progress import Progress
 
 MODES = ("personalized", "diverse")
 # Higher-is-better unless listed here.
-LOWER_IS_BETTER = {"ged", "ged_cross", "ged_labels", "ged_preds"}
+LOWER_IS_BETTER = {"ged", "ged_cross", "ged_labels", "ged_preds", "brier", "brier_fg", "ece"}
+SUBSETS = ("every_rater_drew", "some_rater_empty")
+"""The ``subset`` tag of a record: whether every present rater drew something in the case."""
 
 
 def case_generator(seed: int, case_id: str, device: torch.device) -> torch.Generator:
@@ -114,6 +123,13 @@ def _per_rater_slots(rec: dict[str, Any], present: Any) -> dict[str, Any]:
     return rec
 
 
+def case_subset(labels: Tensor) -> str:
+    """``"every_rater_drew"`` if each of the present raters' masks ``(N, *S)`` has a foreground pixel, else
+    ``"some_rater_empty"``."""
+    drew = labels.reshape(labels.shape[0], -1).amax(dim=1) > 0
+    return SUBSETS[0] if bool(drew.all()) else SUBSETS[1]
+
+
 def _squeeze_2d(x: Tensor) -> Tensor:
     # A one-slice volume is a 2D case: (N, 1, H, W) -> (N, H, W).
     return x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else x
@@ -143,7 +159,8 @@ def evaluate_cases(
         keep: case ids whose images, labels and samples are returned for figures (on every rank).
     Returns:
         ``(records, kept, skipped)``: one record per (case, mode, convention) in case order, with the
-        ``case_metrics`` keys plus ``case_id``, ``mode``, ``convention``, ``num_labels``, ``num_predictions``;
+        ``case_metrics`` keys plus ``case_id``, ``mode``, ``subset``, ``convention``, ``num_labels``,
+        ``num_predictions`` (and ``ambiguity_share`` in the personalized mode);
         the kept cases' arrays; the number of cases skipped because no rater annotated them.
     """
     device = next(model.parameters()).device
@@ -166,6 +183,7 @@ def evaluate_cases(
             images = torch.as_tensor(case.images, dtype=torch.float32, device=device)
             labels_all = torch.as_tensor(case.masks, device=device).movedim(1, 0).float()  # (R, D, H, W)
             labels = labels_all[present.to(device)]
+            subset = case_subset(labels)
             keep_this = keep is not None and case.case_id in keep
             if keep_this:
                 kept[case.case_id] = {"image": case.images, "masks": case.masks, "present": case.present}
@@ -177,15 +195,18 @@ def evaluate_cases(
                         raise DataError(f"model predicts {samples.shape[0]} raters but case {case.case_id} has "
                                          f"{labels_all.shape[0]}")
                     preds = samples.mean(dim=1)[present.to(device)]  # (N, D, H, W)
+                    extra = {"ambiguity_share": ambiguity_share(samples[present.to(device)])}
                 else:
                     preds = samples  # (K, D, H, W)
+                    extra = {}
                 if keep_this:
                     kept[case.case_id][mode] = samples.cpu().numpy()
                 scores = score_case(_squeeze_2d(labels), _squeeze_2d(preds), conventions, estimator, thresholds)
                 for conv, m in scores.items():
-                    rec = {"case_id": case.case_id, "mode": mode, "convention": conv,
+                    rec = {"case_id": case.case_id, "mode": mode, "subset": subset, "convention": conv,
                            "num_labels": int(labels.shape[0]), "num_predictions": int(preds.shape[0])}
                     rec.update({k: _plain(v) for k, v in m.items() if k not in rec})
+                    rec.update(extra)
                     records.append(_per_rater_slots(rec, case.present))
             bar.update(1)
     finally:

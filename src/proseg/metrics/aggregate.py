@@ -1,9 +1,10 @@
 """Dataset-level aggregation of per-case records: mean ± std, CSV files, a printable table.
 
 A *record* is the dict returned by :func:`proseg.metrics.case_metrics` (one case), optionally with extra
-identifying keys such as ``case_id`` (and ``mode`` from the engine); unknown keys are ignored by
-:func:`aggregate` and written as leading columns by :func:`write_records_csv` when they are ``case_id`` or
-``mode``.
+identifying keys such as ``case_id`` (and ``mode`` and ``subset`` from the engine); unknown keys are ignored by
+:func:`aggregate` and written as leading columns by :func:`write_records_csv` when they are ``case_id``,
+``mode`` or ``subset``. The engine's personalized records also carry ``ambiguity_share``
+(:data:`proseg.metrics.case.SAMPLE_KEYS`), which is aggregated and written like the other metrics.
 
 Conventions written beside every number: the empty-mask ``convention``, the GED ``estimator``, the
 Dice_soft ``thresholds`` (not part of a record: pass the ones the records were computed with), the number of
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from proseg.fsutil import atomic_write_text
-from proseg.metrics.case import LIST_KEYS, SCALAR_KEYS
+from proseg.metrics.case import LIST_KEYS, METRIC_KEYS
 from proseg.metrics.dice import DEFAULT_THRESHOLDS, check_thresholds
 
-ID_KEYS: tuple[str, ...] = ("case_id", "mode")
+ID_KEYS: tuple[str, ...] = ("case_id", "mode", "subset")
 
 
 def _mean_std(values: Sequence[float], ddof: int) -> tuple[float, float, int]:
@@ -92,7 +93,7 @@ def aggregate(
         "metrics": {},
         "per_rater": {},
     }
-    for key in SCALAR_KEYS:
+    for key in METRIC_KEYS:
         if any(key in r for r in records):
             mean, std, n = _mean_std([r[key] for r in records if key in r], ddof)
             summary["metrics"][key] = {"mean": mean, "std": std, "n": n}
@@ -156,7 +157,7 @@ def write_records_csv(
 ) -> Path:
     """Write one row per case (atomically: temp file, then rename).
 
-    Columns: ``case_id`` / ``mode`` when present, ``convention``, ``estimator``, ``thresholds``,
+    Columns: ``case_id`` / ``mode`` / ``subset`` when present, ``convention``, ``estimator``, ``thresholds``,
     ``num_labels``, ``num_predictions``, every scalar metric, then the per-rater lists spread over
     ``<key>_<i>`` columns (empty when a case has fewer raters or no aligned Dice).
     """
@@ -164,7 +165,7 @@ def write_records_csv(
         raise ValueError("no records to write")
     ts = ";".join(f"{t:g}" for t in check_thresholds(thresholds))
     ids = [k for k in ID_KEYS if any(k in r for r in records)]
-    scalars = [k for k in SCALAR_KEYS if any(k in r for r in records)]
+    scalars = [k for k in METRIC_KEYS if any(k in r for r in records)]
     widths = {k: max((len(r[k]) for r in records if r.get(k) is not None), default=0) for k in LIST_KEYS}
     header = [*ids, "convention", "estimator", "thresholds", "num_labels", "num_predictions", *scalars]
     for k in LIST_KEYS:

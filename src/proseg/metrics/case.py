@@ -5,13 +5,18 @@ ready: Python floats, lists and strings) with exactly these keys, in this order:
 
 ``ged``, ``ged_cross``, ``ged_labels``, ``ged_preds``, ``dice_soft``, ``dice_max``, ``dice_max_reverse``,
 ``dice_match``, ``dice_per_rater_matched`` (list of N), ``dice_per_rater`` (list of N, only when M == N),
-``ci_score``, ``s_ncc``, ``convention``, ``estimator``, ``num_labels``, ``num_predictions``.
+``ci_score``, ``s_ncc``, ``diversity_ratio``, ``sample_variance``, ``rater_variance``, ``brier``, ``brier_fg``,
+``ece``, ``convention``, ``estimator``, ``num_labels``, ``num_predictions``.
+
+The diversity and calibration keys are defined in :mod:`proseg.metrics.calibration`; they use the soft
+predictions and do not depend on the convention except ``diversity_ratio`` (``ged_preds / ged_labels``).
 
 What the convention changes (see :mod:`proseg.metrics.pairwise`): the empty-mask rule and smoothing of the
 IoU in GED and of the Dice in Dice_soft / Dice_max / Dice_match / per-rater Dice. ``"reference"`` reproduces
 D-Persona/ProSeg's ``lib/metrics_set.py``. The CI score and S_NCC are not in that code and are computed the
 same way under both conventions (standard empty-mask rules). NaN marks an undefined value (U-statistic with
-one mask, S_NCC of a constant map, per-rater matched Dice of an unmatched rater when N > M).
+one mask, S_NCC of a constant map, per-rater matched Dice of an unmatched rater when N > M, ``diversity_ratio``
+when ``ged_labels`` is 0, ``brier_fg`` when its region is empty).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 
+from proseg.metrics.calibration import calibration_from_flat, diversity_ratio, variances_from_flat
 from proseg.metrics.ci import ci_from_flat
 from proseg.metrics.dice import (
     DEFAULT_THRESHOLDS,
@@ -49,7 +55,14 @@ SCALAR_KEYS: tuple[str, ...] = (
 )
 LIST_KEYS: tuple[str, ...] = ("dice_per_rater_matched", "dice_per_rater")
 INFO_KEYS: tuple[str, ...] = ("convention", "estimator", "num_labels", "num_predictions")
-RECORD_KEYS: tuple[str, ...] = (*SCALAR_KEYS[:8], *LIST_KEYS, *SCALAR_KEYS[8:], *INFO_KEYS)
+EXTRA_KEYS: tuple[str, ...] = ("diversity_ratio", "sample_variance", "rater_variance", "brier", "brier_fg", "ece")
+"""The diversity and calibration keys of every record (:mod:`proseg.metrics.calibration`); may be NaN."""
+SAMPLE_KEYS: tuple[str, ...] = ("ambiguity_share",)
+"""Keys that need the raw samples ``(R, K, *S)``, not only the predictions: never in a :func:`case_metrics` record;
+the evaluation loop adds them to its personalized records (:func:`proseg.metrics.calibration.ambiguity_share`)."""
+METRIC_KEYS: tuple[str, ...] = (*SCALAR_KEYS, *EXTRA_KEYS[:3], *SAMPLE_KEYS, *EXTRA_KEYS[3:])
+"""Every scalar metric a record may carry, in the order of ``aggregate`` and the CSV columns."""
+RECORD_KEYS: tuple[str, ...] = (*SCALAR_KEYS[:8], *LIST_KEYS, *SCALAR_KEYS[8:], *EXTRA_KEYS, *INFO_KEYS)
 """Every key a record can have, in output order (``dice_per_rater`` only when M == N)."""
 
 
@@ -88,12 +101,16 @@ def _records_from_flat(
     soft = dice_soft_from_flat(labels, preds_s, thresholds, convention)
     ci = ci_from_flat(labels_c, preds_c, d_std, inter_labels=i_ll, inter_preds=i_pp, num_pixels=num_pixels)
     ncc = s_ncc_from_flat(labels, preds_s)
+    ratio = diversity_ratio(ged.preds, ged.labels)
+    var = variances_from_flat(labels, preds_s)
+    cal = calibration_from_flat(labels, preds_s)
 
     n, m = int(labels.shape[-2]), int(preds_b.shape[-2])
     # One transfer to the host for everything (a per-value float() would synchronise a GPU each time).
     names = ("ged", "ged_cross", "ged_labels", "ged_preds", "dice_soft", "dice_max", "dice_max_reverse")
     stacked = torch.stack(
-        [ged.ged, ged.cross, ged.labels, ged.preds, soft, dmax.dice_max, dmax.dice_max_reverse, ci.ci, ncc], -1
+        [ged.ged, ged.cross, ged.labels, ged.preds, soft, dmax.dice_max, dmax.dice_max_reverse, ci.ci, ncc,
+         ratio, var.sample_variance, var.rater_variance, cal.brier, cal.brier_fg, cal.ece], -1
     )
     rows = stacked.to("cpu", torch.float64).tolist()
     d_host = d.to("cpu", torch.float64)
@@ -106,8 +123,9 @@ def _records_from_flat(
         rec["dice_per_rater_matched"] = [float(v) for v in match.per_rater]
         if aligned_host is not None:
             rec["dice_per_rater"] = aligned_host[b]
-        rec["ci_score"] = row[-2]
-        rec["s_ncc"] = row[-1]
+        rec["ci_score"] = row[len(names)]
+        rec["s_ncc"] = row[len(names) + 1]
+        rec.update(zip(EXTRA_KEYS, row[len(names) + 2 :], strict=True))
         rec["convention"] = convention
         rec["estimator"] = estimator
         rec["num_labels"] = n

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from proseg.errors import NonFiniteError
 from proseg.losses import dirichlet_kl, gaussian_kl, get_loss, log_variance, segmentation_loss, weighted_mean
@@ -483,16 +484,18 @@ class ProSeg(MultiRaterModel):
 
     # --- shared pieces ------------------------------------------------------------------------------------------
     def _features(self, images: Tensor) -> Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
+        with record_function("proseg.backbone"):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return self.backbone(images)
 
     def _stats(self, feats: Tensor, raters: Tensor | None,
                subset: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """Per-pair ``(mu, logvar)``, each ``(B, S, H, W, Zc)`` channels-last-contiguous."""
-        s = self.stat_heads(feats, raters, subset)  # (B, S, 2Zc, H, W)
-        s = s.permute(0, 1, 3, 4, 2).contiguous()
-        return s[..., : self.z_channels], s[..., self.z_channels:]
+        with record_function("proseg.stat_heads"):
+            s = self.stat_heads(feats, raters, subset)  # (B, S, 2Zc, H, W)
+            s = s.permute(0, 1, 3, 4, 2).contiguous()
+            return s[..., : self.z_channels], s[..., self.z_channels:]
 
     def _prior_tau(self, shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
         alpha = torch.full((*shape, self.tau_dim), self.alpha0, dtype=like.dtype, device=like.device)
@@ -516,32 +519,39 @@ class ProSeg(MultiRaterModel):
         stat_raters = rater_idx if self.rater_sampling == "one" else None  # None: the dense all-rater path
         S = rater_idx.shape[1]
 
-        conc = self.tau.concentration().to(image.dtype)  # (R, D)
-        check_concentration(conc, _TAU_WHAT)  # names the parameter; the sampler's own check could not
-        alpha = conc[rater_idx]  # (B, S, D)
-        tau = sample_dirichlet(alpha, generator)
-        kl_tau = weighted_mean(dirichlet_kl(alpha, self.alpha0), weight)
-        ce_pairs = F.cross_entropy(self.tau.classifier(tau).reshape(B * S, -1), rater_idx.reshape(-1),
-                                   reduction="none")
-        ce = weighted_mean(ce_pairs, weight.reshape(-1))
+        with record_function("proseg.tau"):  # q(tau|r), its KL and the classifier's cross-entropy
+            conc = self.tau.concentration().to(image.dtype)  # (R, D)
+            check_concentration(conc, _TAU_WHAT)  # names the parameter; the sampler's own check could not
+            alpha = conc[rater_idx]  # (B, S, D)
+            tau = sample_dirichlet(alpha, generator)
+            kl_tau = weighted_mean(dirichlet_kl(alpha, self.alpha0), weight)
+            ce_pairs = F.cross_entropy(self.tau.classifier(tau).reshape(B * S, -1), rater_idx.reshape(-1),
+                                       reduction="none")
+            ce = weighted_mean(ce_pairs, weight.reshape(-1))
 
         mu, logvar = self._stats(feats, stat_raters)  # (B, S, H, W, Zc)
-        z = self._sample_z(mu, logvar, generator)
-        kl_z = weighted_mean(gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4)), weight)
+        with record_function("proseg.z_sample"):
+            z = self._sample_z(mu, logvar, generator)
+        with record_function("proseg.loss.kl_z"):
+            kl_z = weighted_mean(gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4)), weight)
 
-        logits = self.head(z, tau)  # (B, S, H, W)
-        seg = segmentation_loss(self.seg_loss_kind, logits.reshape(B * S, H, W), target.reshape(B * S, H, W),
-                                weight.reshape(-1))
+        with record_function("proseg.seg_head"):
+            logits = self.head(z, tau)  # (B, S, H, W)
+        with record_function("proseg.loss.seg"):
+            seg = segmentation_loss(self.seg_loss_kind, logits.reshape(B * S, H, W), target.reshape(B * S, H, W),
+                                    weight.reshape(-1))
 
         x_hat = self._decode_image(z, stat_raters)  # (B, S, C, H, W)
-        mse_pairs = (x_hat.float() - image.float()[:, None]).pow(2).mean(dim=(2, 3, 4))
-        recon = weighted_mean(mse_pairs, weight)
-        if self.recon_divide_by_batch:
-            recon = recon / B
+        with record_function("proseg.loss.recon"):
+            mse_pairs = (x_hat.float() - image.float()[:, None]).pow(2).mean(dim=(2, 3, 4))
+            recon = weighted_mean(mse_pairs, weight)
+            if self.recon_divide_by_batch:
+                recon = recon / B
 
-        l2 = self.head.l2()
-        total = (seg + self.kl_weight * (kl_tau + kl_z) + self.ce_weight * ce + self.recon_weight * recon
-                 + self.l2_weight * l2)
+        with record_function("proseg.loss.l2"):
+            l2 = self.head.l2()
+            total = (seg + self.kl_weight * (kl_tau + kl_z) + self.ce_weight * ce + self.recon_weight * recon
+                     + self.l2_weight * l2)
         return {"loss": total, "seg": seg, "kl_tau": kl_tau, "kl_z": kl_z, "ce": ce, "recon": recon, "l2": l2}
 
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -559,11 +569,12 @@ class ProSeg(MultiRaterModel):
         """p(x|Z): ``z`` ``(B, S, H, W, Zc)`` channels-last through each pair's remap head (``raters`` ``(B, S)``, or
         None = all R in order) and the reconstruction decoder -> ``(B, S, C, H, W)``."""
         B, S, H, W = z.shape[:4]
-        remap = self.remap_heads(z.permute(0, 1, 4, 2, 3), raters)  # (B, S, Cr, H, W)
-        remap = remap.reshape(B * S, *remap.shape[2:])
-        if self.channels_last:
-            remap = remap.contiguous(memory_format=torch.channels_last)
-        return self.recon(remap).reshape(B, S, self.in_channels, H, W)
+        with record_function("proseg.remap_recon"):
+            remap = self.remap_heads(z.permute(0, 1, 4, 2, 3), raters)  # (B, S, Cr, H, W)
+            remap = remap.reshape(B * S, *remap.shape[2:])
+            if self.channels_last:
+                remap = remap.contiguous(memory_format=torch.channels_last)
+            return self.recon(remap).reshape(B, S, self.in_channels, H, W)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_personalized(
@@ -594,7 +605,8 @@ class ProSeg(MultiRaterModel):
             conc = _rows(conc, subset)
         check_concentration(conc, _TAU_WHAT)
         lead = 1 if share_latent else B
-        tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
+        with record_function("proseg.sample.tau"):
+            tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
         return self._per_rater_samples(mu, logvar, tau, generator)
 
     def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -607,9 +619,11 @@ class ProSeg(MultiRaterModel):
         tau = tau.expand(B, R, K, self.tau_dim)
         out = mu.new_empty(B, R, K, H, W)
         for k0, k1 in self._chunks(K, mu):
-            z = noise("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
-            z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
-            out[:, :, k0:k1] = torch.sigmoid(self.head(z, tau[:, :, k0:k1]))
+            with record_function("proseg.sample.z"):
+                z = noise("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
+                z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
+            with record_function("proseg.sample.seg_head"):
+                out[:, :, k0:k1] = torch.sigmoid(self.head(z, tau[:, :, k0:k1]))
         return out
 
     @staticmethod
@@ -641,18 +655,20 @@ class ProSeg(MultiRaterModel):
             # ceil(K/R) prior samples for every rater through the broadcast path, then keep the first
             # K//R (+1 for the first K mod R raters) of each rater, in rater order
             per = -(-K // R)
-            tau = self._prior_tau((lead, R, per), generator, mu)
+            with record_function("proseg.sample.tau"):
+                tau = self._prior_tau((lead, R, per), generator, mu)
             out = self._per_rater_samples(mu, logvar, tau, generator).reshape(B, R * per, *mu.shape[2:4])
             counts = K // R + (torch.arange(R, device=mu.device) < K % R).long()  # (R,)
             keep = (torch.arange(per, device=mu.device)[None, :] < counts[:, None]).reshape(-1).nonzero()[:, 0]
             return out.index_select(1, keep)
-        tau = self._prior_tau((lead, K), generator, mu)  # (lead, K, D)
-        if self.diverse_rater == "argmax":
-            rater = self.tau.classifier(tau).argmax(-1)
-        else:
-            p = torch.softmax(self.tau.classifier(tau).float(), -1).reshape(lead * K, R)
-            u = noise("uniform", (lead * K, 1), generator, p)  # inverse-CDF draw from the generator
-            rater = (p.cumsum(-1) < u).sum(-1).clamp_max(R - 1).reshape(lead, K)
+        with record_function("proseg.sample.tau"):
+            tau = self._prior_tau((lead, K), generator, mu)  # (lead, K, D)
+            if self.diverse_rater == "argmax":
+                rater = self.tau.classifier(tau).argmax(-1)
+            else:
+                p = torch.softmax(self.tau.classifier(tau).float(), -1).reshape(lead * K, R)
+                u = noise("uniform", (lead * K, 1), generator, p)  # inverse-CDF draw from the generator
+                rater = (p.cumsum(-1) < u).sum(-1).clamp_max(R - 1).reshape(lead, K)
         rater = rater.expand(B, K)
         tau = tau.expand(B, K, self.tau_dim)
         zc = self.z_channels
@@ -660,10 +676,12 @@ class ProSeg(MultiRaterModel):
         bidx = torch.arange(B, device=mu.device)[:, None]
         out = mu.new_empty(B, K, *mu.shape[2:4])
         for k0, k1 in self._chunks(K, mu[:, 0]):
-            sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
-            z = noise("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
-            z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
-            out[:, k0:k1] = torch.sigmoid(self.head(z, tau[:, k0:k1]))
+            with record_function("proseg.sample.z"):
+                sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
+                z = noise("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
+                z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
+            with record_function("proseg.sample.seg_head"):
+                out[:, k0:k1] = torch.sigmoid(self.head(z, tau[:, k0:k1]))
         return out
 
     # --- optimisation ---------------------------------------------------------------------------------------------
