@@ -35,6 +35,7 @@ import torch
 
 from proseg.engine import evaluation
 from proseg.engine.types import CaseData
+from proseg.metrics import CONVENTIONS
 from proseg.models import create_model
 
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"# {cpu_model()}, {os.cpu_count()} CPUs, torch threads={torch.get_num_threads()}, "
           f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    conventions = ["standard", "reference"]
+    conventions = list(CONVENTIONS)
     out: dict[str, Any] = {}
     torch.manual_seed(0)
     model = create_model("proseg", in_channels=1, num_raters=args.raters, preset="default")

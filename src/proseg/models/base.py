@@ -18,6 +18,7 @@ from torch import Tensor
 import proseg
 from proseg.errors import CheckpointError, ProsegError
 from proseg.fsutil import atomic_write_bytes
+from proseg.jsonio import dumps
 from proseg.models.registry import create_model
 
 Batch = dict[str, Tensor]
@@ -382,7 +383,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike[str], extra: dict[
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS_NAME, st_save(state))
     meta = {"model": cfg, "proseg_version": proseg.__version__, **(extra or {})}
-    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
+    # strict JSON like every proseg file: a NaN validation score in ``extra`` is written as null
+    atomic_write_bytes(directory / CONFIG_NAME, dumps(meta, indent=2, sort_keys=True).encode())
     return directory
 
 
