@@ -103,6 +103,19 @@ def _PlainSegmenter(backbone: str, in_channels: int):  # noqa: N802 - a class fa
     return PlainSegmenter()
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["scale=2", "es_weight=1.0"]`` -> model keyword arguments (values read as YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"model override {item!r} is not key=value (spec: name[:preset][+key=value...])")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     import resource
 
@@ -112,13 +125,18 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.no_allocator_tuning:  # what proseg's trainer and evaluation do (engine/allocator.py)
+        from proseg.engine.allocator import keep_freed_memory
+
+        keep_freed_memory()
     name, _, preset = spec.partition(":")
-    preset = preset or "default"
+    preset, *extra = (preset or "default").split("+")
+    overrides = parse_overrides(extra)
     torch.manual_seed(0)
     if name == "backbone":  # calibration row: a plain segmentation net (smp Unet-resnet34 with a 3x3 head + BCE)
         model = _PlainSegmenter(preset, args.channels)
     else:
-        model = create_model(name, in_channels=args.channels, num_raters=args.raters, preset=preset)
+        model = create_model(name, in_channels=args.channels, num_raters=args.raters, preset=preset, **overrides)
     res: dict[str, Any] = {"model": spec, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
                            "threads": torch.get_num_threads()}
     opt = torch.optim.Adam(model.param_groups(1e-4))  # torch's default (foreach) Adam, as the reference
@@ -130,10 +148,18 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
                 "masks": (torch.rand(b, R, size, size, generator=g) > 0.7).float(),
                 "rater_present": torch.ones(b, R, dtype=torch.bool)}
 
+    loss_fn = model.loss
+    if args.compile:  # torch.compile (inductor); the Gamma sampler stays eager (a graph break by design)
+        loss_fn = torch.compile(model.loss)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(batch(max(args.batch_sizes)))["loss"].backward()
+        res["compile_s"] = time.perf_counter() - t0
+
     def step(b: dict[str, torch.Tensor], bf16: bool) -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model.loss(b)
+            out = loss_fn(b)
         out["loss"].backward()
         opt.step()
 
@@ -278,7 +304,8 @@ def ratio_table(pairs: list[tuple[dict[str, Any], dict[str, Any]]], B: int) -> s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=None,
-                   help="name[:preset] entries (backbone:<backbone name> = plain segmenter); default: the "
+                   help="name[:preset][+key=value...] entries (backbone:<backbone name> = plain segmenter; +key=value "
+                        "overrides a model argument); default: the "
                         "plain ResNet-34 U-Net, every registered model's default preset, and proseg:reference")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--channels", type=int, default=1)
@@ -287,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting (after one warm-up)")
     p.add_argument("--sample-repeats", type=int, default=3)
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="time the step of torch.compile(model.loss) (its compile time is reported as compile_s)")
+    p.add_argument("--no-allocator-tuning", action="store_true",
+                   help="leave glibc's malloc thresholds alone (the trainer raises them; engine/allocator.py)")
     p.add_argument("--force-bf16", action="store_true", help="time bf16 autocast even without a bf16 ISA")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -316,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--steps", str(args.steps), "--sample-repeats", str(args.sample_repeats), "--batch-sizes",
                    *map(str, args.batch_sizes), "--threads", str(args.threads)]
     passthrough += (["--no-bf16"] if args.no_bf16 else []) + (["--force-bf16"] if args.force_bf16 else [])
+    passthrough += ["--no-allocator-tuning"] if args.no_allocator_tuning else []
+    passthrough += ["--compile"] if args.compile else []
     rows = []
     load = os.getloadavg()
     print(f"# {args.size}x{args.size}, C={args.channels}, R={args.raters}, CPU threads={os.cpu_count()}, "

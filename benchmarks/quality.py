@@ -87,13 +87,31 @@ def proseg_cmd(*args: str) -> list[str]:
 
 
 def parse_model(spec: str) -> tuple[str, str, str, list[str]]:
-    """``label=name[:preset][|key=value...]`` -> (label, name, preset, overrides)."""
+    """``label=name[:preset][|key=value...]`` -> (label, name, preset, overrides).
+
+    Two special overrides: ``from=LABEL`` reuses the run of another entry (nothing is trained), and
+    ``infer.KEY=VALUE`` is passed to ``proseg evaluate --model-arg KEY=VALUE`` (an inference-time choice such as
+    ProSeg's ``diverse_mode``), so one trained model can be scored under several sampling choices."""
     label, _, rest = spec.partition("=")
     if not rest:
         label, rest = spec.split(":")[0], spec
     head, *overrides = rest.split("|")
     name, _, preset = head.partition(":")
     return label, name, preset or "default", overrides
+
+
+def run_label(label: str, overrides: list[str]) -> str:
+    """The run an entry is scored from: its own, or the one named by ``from=LABEL``."""
+    src = [o.partition("=")[2] for o in overrides if o.startswith("from=")]
+    return src[-1] if src else label
+
+
+def infer_args(overrides: list[str]) -> list[str]:
+    return [a for o in overrides if o.startswith("infer.") for a in ("--model-arg", o[len("infer."):])]
+
+
+def train_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(("from=", "infer."))]
 
 
 def train_model(args: argparse.Namespace, label: str, name: str, preset: str, overrides: list[str],
@@ -103,25 +121,33 @@ def train_model(args: argparse.Namespace, label: str, name: str, preset: str, ov
     done = run / "benchmark_train.json"
     if done.is_file() and not args.retrain:
         return json.loads(done.read_text())
+    if run_label(label, overrides) != label:  # scored from another entry's run
+        src = args.out / "runs" / run_label(label, overrides) / "benchmark_train.json"
+        return {**json.loads(src.read_text()), "label": label} if src.is_file() else {"label": label}
+    budget = ([f"train.max_steps={args.steps}", "train.time_budget_s=0"] if args.steps
+              else [f"train.time_budget_s={budget_s:.0f}"])
     common = [f"model.preset={preset}", f"data.num_workers={args.workers}",
-              f"train.max_val_cases={args.max_val_cases}", *args.override, *overrides]
+              f"train.max_val_cases={args.max_val_cases}", *args.override, *train_overrides(overrides)]
     stats: dict[str, Any] = {"label": label, "model": name, "preset": preset, "budget_s": budget_s}
     if name == "dpersona":
         stage1, stage2 = run.with_name(label + "-stage1"), run
         s1 = run_child(proseg_cmd("train", "-c", f"{args.dataset}/dpersona_stage1",
                                   "--data", str(args.data), "--out", str(stage1), "--fold", str(args.fold),
-                                  f"train.time_budget_s={0.6 * budget_s:.0f}", *common),
+                                  *([f"train.max_steps={int(0.6 * args.steps)}", "train.time_budget_s=0"]
+                                    if args.steps else [f"train.time_budget_s={0.6 * budget_s:.0f}"]), *common),
                        args.out / "logs" / f"{label}-stage1-train.log")
         s2 = run_child(proseg_cmd("train", "-c", f"{args.dataset}/dpersona_stage2",
                                   "--data", str(args.data), "--out", str(stage2), "--fold", str(args.fold),
                                   f"model.init_from={stage1 / 'checkpoints' / 'best'}",
-                                  f"train.time_budget_s={0.4 * budget_s:.0f}", *common),
+                                  *([f"train.max_steps={args.steps - int(0.6 * args.steps)}",
+                                     "train.time_budget_s=0"]
+                                    if args.steps else [f"train.time_budget_s={0.4 * budget_s:.0f}"]), *common),
                        args.out / "logs" / f"{label}-stage2-train.log")
         stats.update(wall_s=s1["wall_s"] + s2["wall_s"], peak_rss_mib=max(s1["peak_rss_mib"], s2["peak_rss_mib"]))
     else:
         s = run_child(proseg_cmd("train", "-c", f"{args.dataset}/{name}",
                                  "--data", str(args.data), "--out", str(run), "--fold", str(args.fold),
-                                 f"train.time_budget_s={budget_s:.0f}", *common),
+                                 *budget, *common),
                       args.out / "logs" / f"{label}-train.log")
         stats.update(s)
     stats["steps"] = count_steps(run)
@@ -144,8 +170,9 @@ def personalized_at(args: argparse.Namespace, k: int) -> bool:
     return args.personalized_k is None or k in args.personalized_k
 
 
-def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
+def evaluate_model(args: argparse.Namespace, label: str, k: int, overrides: list[str] = ()) -> Path:
     out = args.out / "eval" / f"{label}-K{k}"
+    run = args.out / "runs" / run_label(label, list(overrides))
     if (out / "metrics.json").is_file() and not args.retrain:
         return out
     mode = "auto" if personalized_at(args, k) else "diverse"
@@ -153,9 +180,9 @@ def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
         from proseg.engine.evaluation import supports
         from proseg.models import load_model
 
-        if not supports(load_model(args.out / "runs" / label / "checkpoints" / "best"), "diverse"):
+        if not supports(load_model(run / "checkpoints" / "best"), "diverse"):
             return out
-    run_child(proseg_cmd("evaluate", str(args.out / "runs" / label), "--data", str(args.data), "--split", "test",
+    run_child(proseg_cmd("evaluate", str(run), "--data", str(args.data), "--split", args.split, *infer_args(overrides),
                          "--fold", str(args.fold), "--mode", mode, "--samples", str(k), "--convention", "both",
                          "--figures", str(args.figures), "--max-cases", str(args.max_test_cases),
                          "--case-stride", str(args.test_stride),
@@ -166,9 +193,9 @@ def evaluate_model(args: argparse.Namespace, label: str, k: int) -> Path:
 
 # --------------------------------------------------------------------------------------------------------------
 # floors and ceiling, computed here on the same test cases
-def test_cases(store: Any, fold: int, max_cases: int, stride: int) -> list[tuple[str, np.ndarray]]:
+def test_cases(store: Any, fold: int, max_cases: int, stride: int, split: str = "test") -> list[tuple[str, np.ndarray]]:
     """The test cases ``proseg evaluate --case-stride stride --max-cases max_cases`` scores, in its order."""
-    groups = store.volume_rows(store.rows(fold, "test"))
+    groups = store.volume_rows(store.rows(fold, split))
     items = list(groups.items())[::stride]
     return items[:max_cases] if max_cases else items
 
@@ -182,7 +209,7 @@ def floors_and_ceiling(args: argparse.Namespace, store: Any, k: int) -> list[dic
         np.asarray(store.masks[np.sort(train_rows)], dtype=np.float32).mean(axis=(0, 1))
     )  # (H, W): the training-set mean over slices and raters
     records: list[dict[str, Any]] = []
-    for case_id, rows in test_cases(store, args.fold, args.max_test_cases, args.test_stride):
+    for case_id, rows in test_cases(store, args.fold, args.max_test_cases, args.test_stride, args.split):
         masks = torch.from_numpy(np.array(store.masks[np.sort(rows)], dtype=bool))  # (D, R, H, W)
         present = np.asarray(store.rater_present[rows[0]], dtype=bool)
         labels = masks[:, present].permute(1, 0, 2, 3)  # (N, D, H, W)
@@ -286,6 +313,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="label=name[:preset][|key=value...]")
     ap.add_argument("--budget-min", type=float, default=15.0, help="training wall-clock budget per model")
     ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train for this many optimizer steps instead of --budget-min (a fixed-step ablation)")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="the part that is scored (and the floors computed on): val for choices, test for reports")
     ap.add_argument("--samples", type=int, nargs="*", default=[16, 50], help="K values for evaluation")
     ap.add_argument("--max-test-cases", type=int, default=0, help="evaluate the first N test cases (0 = all)")
     ap.add_argument("--test-stride", type=int, default=1,
@@ -312,12 +343,13 @@ def main() -> None:
             if f.is_file():
                 train_stats[label] = json.loads(f.read_text())
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] train {label} ({name}:{preset}) for {args.budget_min} min", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] train {label} ({name}:{preset}) for "
+              f"{f'{args.steps} steps' if args.steps else f'{args.budget_min} min'}", flush=True)
         try:
             train_stats[label] = train_model(args, label, name, preset, overrides, args.budget_min * 60)
             for k in args.samples:
                 print(f"[{time.strftime('%H:%M:%S')}] evaluate {label} K={k}", flush=True)
-                evaluate_model(args, label, k)
+                evaluate_model(args, label, k, overrides)
         except RuntimeError as exc:  # one model failing (e.g. diverging) must not stop the others
             print(f"[{time.strftime('%H:%M:%S')}] {label} FAILED: {exc}", flush=True)
             train_stats[label] = {"label": label, "model": name, "preset": preset, "failed": str(exc)[:2000],
@@ -325,12 +357,14 @@ def main() -> None:
                                   "peak_rss_mib": math.nan}
 
     results: dict[str, Any] = {"dataset": args.dataset, "data": str(args.data), "fold": args.fold,
-                               "budget_min": args.budget_min, "samples": args.samples,
+                               "budget_min": args.budget_min, "steps": args.steps, "split": args.split,
+                               "samples": args.samples,
                                "max_test_cases": args.max_test_cases, "test_stride": args.test_stride,
                                "personalized_k": args.personalized_k, "train": train_stats,
                                "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
                                "tables": {}}
-    md = [f"# {args.dataset}: fold {args.fold}, {args.budget_min:g} min per model\n"]
+    budget_txt = f"{args.steps} steps" if args.steps else f"{args.budget_min:g} min"
+    md = [f"# {args.dataset}: fold {args.fold}, {budget_txt} per model, scored on the {args.split} part\n"]
     for k in args.samples:
         records: list[dict[str, Any]] = floors_and_ceiling(args, store, k)
         order = [label for label, *_ in specs]

@@ -245,6 +245,23 @@ def test_evaluate_bad_inputs(proseg_run: Path, synth: Path, other_data: dict[str
     fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "exists", match="--force")
     fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e3", "--split", "holdout", match="--split")
     fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e4", "--fold", "9", match="folds")
+    fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e5", "--model-arg", "diverse_mode",
+          match="KEY=VALUE")
+    fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e6", "--model-arg", "z_channels=3",
+          match="not an inference-time argument")
+    fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e7", "--model-arg", "diverse_mode=best",
+          match="diverse_mode")
+    assert not any((tmp_path / f"e{i}").exists() for i in (5, 6, 7))
+
+
+def test_evaluate_model_arg_changes_only_the_sampling_choice(proseg_run: Path, synth: Path, tmp_path: Path) -> None:
+    common = ("--data", synth, "--mode", "diverse", "-k", "4", "--max-cases", "3", "--figures", "0")
+    ok("evaluate", proseg_run, *common, "--out", tmp_path / "a", "--model-arg", "diverse_mode=per_rater")
+    ok("evaluate", proseg_run, *common, "--out", tmp_path / "b", "--model-arg", "diverse_mode=prior_classifier")
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
+    assert a["model_args"] == {"diverse_mode": "per_rater"}
+    assert a["checkpoint_sha256"] == b["checkpoint_sha256"]
+    assert a["results"]["diverse"] != b["results"]["diverse"]  # another way of drawing, other samples
 
 
 def test_predict_bad_inputs(proseg_run: Path, tmp_path: Path) -> None:

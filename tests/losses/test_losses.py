@@ -131,3 +131,53 @@ def test_weighted_mean() -> None:
     v = torch.tensor([1.0, 2.0, 4.0])
     assert float(weighted_mean(v, torch.tensor([1.0, 0.0, 1.0]))) == 2.5
     assert float(weighted_mean(v, torch.zeros(3))) == 0.0  # nothing used: 0, not NaN
+
+
+# --- energy score -----------------------------------------------------------------------------------------------
+def test_energy_score_golden_case() -> None:
+    from proseg.losses import energy_score
+
+    # one pair, 4 pixels, y = [1, 1, 0, 0]; samples p1 = [1, 0, 0, 0], p2 = [1, 1, 1, 0]
+    y = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    p = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]])
+    # fit = (1 + 1) / 2 = 1; spread = |p1 - p2| summed = 2; ES = 1 - 0.5 * 2 = 0; area 2
+    assert float(energy_score(p, y)) == pytest.approx(0.0)
+    p_same = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]])
+    assert float(energy_score(p_same, y)) == pytest.approx(1 / 2)  # fit 1, no spread, / area 2
+    # an empty mask counts one pixel: two identical false-positive pixels cost 2
+    assert float(energy_score(torch.tensor([[[1.0, 1.0, 0.0, 0.0]] * 2]), torch.zeros(1, 4))) == pytest.approx(2.0)
+    # weights: a zero-weight pair contributes nothing, to the sum or the normaliser
+    pp = torch.cat([p_same, torch.ones(1, 2, 4)])
+    yy = torch.cat([y, torch.zeros(1, 4)])
+    assert float(energy_score(pp, yy, torch.tensor([1.0, 0.0]))) == pytest.approx(1 / 2)
+    assert float(energy_score(pp, yy, torch.zeros(2))) == 0.0
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.5, 0.9])
+def test_energy_score_is_minimised_by_samples_at_the_outcome_rate(q: float) -> None:
+    """Exact expectation over y ~ Bern(q) and two binary samples ~ Bern(pi) on one pixel: (pi - q)^2 + q(1 - q)."""
+    from proseg.losses import energy_score
+
+    def expected(pi: float) -> float:
+        total = 0.0
+        for y, py in ((1.0, q), (0.0, 1 - q)):
+            for a, pa in ((1.0, pi), (0.0, 1 - pi)):
+                for b, pb in ((1.0, pi), (0.0, 1 - pi)):
+                    es = float(energy_score(torch.tensor([[[a], [b]]]), torch.tensor([[y]])))
+                    total += py * pa * pb * es
+        return total
+
+    grid = [i / 20 for i in range(21)]
+    values = [expected(pi) for pi in grid]
+    for pi, v in zip(grid, values, strict=True):
+        assert v == pytest.approx((pi - q) ** 2 + q * (1 - q), abs=1e-6)
+    assert grid[values.index(min(values))] == pytest.approx(round(q * 20) / 20)
+
+
+def test_energy_score_needs_two_samples_and_matching_shapes() -> None:
+    from proseg.losses import energy_score
+
+    with pytest.raises(ValueError, match="K >= 2"):
+        energy_score(torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4))
+    with pytest.raises(ValueError, match="target"):
+        energy_score(torch.rand(2, 2, 4, 4), torch.rand(2, 4, 5))

@@ -290,3 +290,65 @@ def test_z_logvar_init_sets_the_initial_posterior_spread() -> None:
     # same weights, the bias of the log-variance channels moved by -4 minus its default value
     assert lv_low.mean().item() < lv_base.mean().item() - 3.0
     assert torch.equal(low.stat_heads.biases[-1][:, :4], base.stat_heads.biases[-1][:, :4])  # mu untouched
+
+
+# --- scale (space-to-depth), K training draws and the energy score -------------------------------------------------
+@pytest.mark.parametrize("s", [2, 3])
+def test_fold_and_unfold_are_exact_inverses_of_the_pixel_layout(s: int) -> None:
+    model = tiny(scale=s, scale_head="shuffle")
+    x = torch.randn(2, 1, 5 * s, 4 * s)
+    folded = model._fold(x)  # (B, s^2, 5, 4): channel i*s + j holds pixel (h*s + i, w*s + j)
+    assert folded.shape == (2, s * s, 5, 4)
+    back = model._unfold(folded.permute(0, 2, 3, 1), (5 * s, 4 * s))  # the head's (..., h, w, s^2) layout
+    torch.testing.assert_close(back[:, None], x, rtol=0, atol=0)
+
+
+def test_smooth_scale_head_starts_as_upsampled_coarse_logits() -> None:
+    model = tiny(scale=2, scale_head="smooth")
+    assert model.head.outputs == 5 and float(model.head.last.weight[1:].detach().abs().sum()) == 0.0
+    t = torch.randn(2, 3, 4, 5)  # (..., h, w, 1 + s^2) with zero corrections
+    t[..., 1:] = 0.0
+    up = F.interpolate(t[..., 0].reshape(2, 1, 3, 4), scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model._unfold(t, (5, 7)), up.reshape(2, 6, 8)[:, :5, :7])
+
+
+@pytest.mark.parametrize("size", [(16, 16), (17, 15), (9, 12)])
+def test_scale_two_trains_and_samples_at_full_resolution_for_any_size(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    model = create_model("proseg", in_channels=2, num_raters=3, preset="tiny", scale=2)
+    g = torch.Generator().manual_seed(0)
+    b = {"image": torch.randn(2, 2, *size, generator=g), "masks": (torch.rand(2, 3, *size, generator=g) > 0.5).float()}
+    out = model.loss(b, torch.Generator().manual_seed(1))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters()) and torch.isfinite(out["loss"])
+    x = b["image"]
+    assert model.sample_personalized(x, 2, g).shape == (2, 3, 2, *size)
+    assert model.sample_diverse(x, 5, g).shape == (2, 5, *size)
+    assert model.reconstruct(x, g).shape == (2, 3, 2, *size)
+    assert model.sample_tau(x, model.interpolate(0, 1, 0.5), 3, g).shape == (2, 3, *size)
+
+
+def test_scale_two_costs_a_quarter_of_the_latent() -> None:
+    model = tiny(scale=2)
+    mu, logvar = model._stats(model._features(torch.randn(1, 1, H, W)), None)
+    assert mu.shape == (1, 3, H // 2, W // 2, model.z_channels) and logvar.shape == mu.shape
+
+
+def test_train_samples_average_the_segmentation_loss_and_add_the_energy_score() -> None:
+    model = tiny(train_samples=3, es_weight=0.5)
+    out = model.loss(batch(), torch.Generator().manual_seed(0))
+    assert "es" in out and torch.isfinite(out["es"])
+    expected = (out["seg"] + model.kl_weight * (out["kl_tau"] + out["kl_z"]) + model.ce_weight * out["ce"]
+                + model.recon_weight * out["recon"] + model.l2_weight * out["l2"] + 0.5 * out["es"])
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert "es" not in tiny().loss(batch())  # off by default: the stored outputs' loss dicts are unchanged
+
+
+def test_scale_and_energy_score_options_are_checked() -> None:
+    bad = ({"scale": 0}, {"scale": 1.5}, {"scale_head": "nearest"}, {"train_samples": 0}, {"es_weight": 1.0},
+           {"es_weight": -1.0, "train_samples": 2})
+    for kw in bad:
+        with pytest.raises(ValueError):
+            tiny(**kw)

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """``["diverse_mode=per_rater"]`` -> ``{"diverse_mode": "per_rater"}`` (values read as YAML scalars)."""
+    import yaml
+
+    from proseg.errors import CommandError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. diverse_mode=per_rater")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def evaluate(
@@ -33,6 +48,9 @@ def evaluate(
     case_stride: int = typer.Option(
         1, "--case-stride", help="Evaluate every N-th case (a systematic sample of all patients); before --max-cases."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    model_arg: Optional[list[str]] = typer.Option(  # noqa: UP045
+        None, "--model-arg", help="KEY=VALUE: replace an inference-time model argument (ProSeg: diverse_mode, "
+                                  "diverse_rater); repeatable."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Sample K predictions per case and score them; writes metrics.json, cases.csv and figures.
@@ -53,10 +71,11 @@ def evaluate(
         if modes is not None and any(m not in MODES for m in modes):
             raise CommandError(f"--mode must be {', '.join(MODES)}, both or auto, got {mode!r}")
         conventions = None if convention is None else (list(CONVENTIONS) if convention == "both" else [convention])
+        model_args = parse_model_args(model_arg or [])
         report = evaluate_checkpoint(checkpoint, data, split=split, fold=fold, out=out, modes=modes,
                                      num_samples=samples, conventions=conventions, estimator=estimator, seed=seed,
                                      num_figures=figures, batch_size=batch_size, device=device, force=force,
-                                     max_cases=max_cases, case_stride=case_stride)
+                                     max_cases=max_cases, case_stride=case_stride, model_args=model_args)
         if env_dist_info().is_main:
             typer.echo(summary_table(report))
             typer.echo(f"{report['num_cases']} cases, K={report['num_samples']}; wrote {report['out']}/metrics.json")

@@ -120,8 +120,12 @@ def evaluate_checkpoint(
     force: bool = False,
     max_cases: int = 0,
     case_stride: int = 1,
+    model_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate; returns the ``metrics.json`` content (on every rank). See the module docstring.
+
+    ``model_args`` replaces inference-time constructor arguments of the checkpoint's model (its class's
+    ``INFERENCE_ARGS``, e.g. ProSeg's ``diverse_mode``); they are recorded in ``metrics.json``.
 
     Every option left at None takes the run's ``eval`` section (``config.yaml``), or its default
     (:class:`proseg.engine.config.EvalConfig`) for a bare checkpoint. ``modes=None`` means the run's
@@ -138,7 +142,7 @@ def evaluate_checkpoint(
     if opts.out_dir.exists() and not force:
         raise FileExistsError(f"{opts.out_dir}: already exists (use --force to replace it)")
     check_writable(opts.out_dir)
-    loaded = load_inputs(ckpt_dir, run_cfg, opts, modes, device, info)
+    loaded = load_inputs(ckpt_dir, run_cfg, opts, modes, device, info, model_args)
     keep = set(loaded.cases[: opts.num_figures])
     t0 = time.time()
     records, kept, skipped = evaluate_cases(
@@ -147,6 +151,7 @@ def evaluate_checkpoint(
         batch_size=opts.batch_size, keep=keep, rank=info.rank, world_size=info.world_size, progress=info.is_main)
     seconds = time.time() - t0
     report = build_report(ckpt_dir, opts, loaded, records, skipped=skipped, seconds=seconds, info=info)
+    report["model_args"] = dict(model_args or {})
     if info.is_main:
         write_outputs(opts, loaded, report, records, kept)
     barrier()
@@ -191,13 +196,13 @@ def resolve_options(ckpt_dir: Path, run_cfg: Config | None, data: str | os.PathL
 
 
 def load_inputs(ckpt_dir: Path, run_cfg: Config | None, opts: EvalOptions, modes: Sequence[str] | None,
-                device: str, info: DistInfo) -> EvalInputs:
+                device: str, info: DistInfo, model_args: dict[str, Any] | None = None) -> EvalInputs:
     """Start the process group, open the data, load the model, choose its modes, check that they fit together,
     and list the cases to score (every ``case_stride``-th of the split, then the first ``max_cases``)."""
     dev = resolve_device(device, info, key="--device")
     init_distributed(dev, info)
     store = open_dataset(str(opts.data))
-    model = load_model(ckpt_dir, map_location=dev)
+    model = load_model(ckpt_dir, map_location=dev, inference_args=model_args)
     model.to(dev).eval()
     meta = read_model_meta(ckpt_dir)
     use_modes = _choose_modes(model, modes, run_cfg)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from proseg.engine.allocator import keep_freed_memory
 from proseg.engine.distributed import all_gather_objects
 from proseg.engine.seeding import case_seed
 from proseg.engine.types import CaseData
@@ -166,6 +167,7 @@ def evaluate_cases(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    keep_freed_memory()  # sampling allocates the same large buffers for every case (engine/allocator.py)
     mine = list(cases)[rank::world_size]
     records: list[dict[str, Any]] = []
     kept: dict[str, dict[str, Any]] = {}

@@ -57,6 +57,7 @@ from tqdm import tqdm
 from proseg import __version__
 from proseg.engine import checkpoint as ckpt
 from proseg.engine import schedule
+from proseg.engine.allocator import keep_freed_memory
 from proseg.engine.config import Config, config_to_yaml, load_config, validate_config
 from proseg.engine.data import train_data
 from proseg.engine.distributed import (
@@ -588,6 +589,7 @@ class Trainer:
         cfg = self.cfg.train
         self._say(self._plan())
         self._warn_schedule()
+        keep_freed_memory()  # no page faults on every step's large temporaries (engine/allocator.py)
         self.on_train_start()
         bar = self._progress_bar()
         self._t_mark = time.time()

@@ -19,7 +19,7 @@ import proseg
 from proseg.errors import CheckpointError, ProsegError
 from proseg.fsutil import atomic_write_bytes
 from proseg.jsonio import dumps
-from proseg.models.registry import create_model
+from proseg.models.registry import create_model, get_model_class
 
 Batch = dict[str, Tensor]
 
@@ -134,6 +134,9 @@ class MultiRaterModel(nn.Module):
     supports_personalized: bool = False
     supports_diverse: bool = False
     PRESETS: dict[str, dict[str, Any]] = {"default": {}}
+    #: constructor arguments that only change how samples are drawn, never the weights: ``load_model(...,
+    #: inference_args=...)`` (``proseg evaluate/predict --model-arg``) may replace them in a trained checkpoint
+    INFERENCE_ARGS: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -450,8 +453,12 @@ def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> MultiRaterModel:
+def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+               inference_args: dict[str, Any] | None = None) -> MultiRaterModel:
     """Rebuild a model from a directory holding ``model.json`` + ``model.safetensors`` (strict load).
+
+    ``inference_args`` replaces constructor arguments the model class lists in ``INFERENCE_ARGS`` (sampling
+    choices such as ProSeg's ``diverse_mode``); any other name is a :class:`~proseg.errors.CheckpointError`.
 
     The model comes back in **eval mode** (as Hugging Face's ``from_pretrained``); call ``model.train()`` to train it
     further. The weights are read onto ``map_location`` and copied into the freshly built (CPU) model; move the model
@@ -472,6 +479,13 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
                                     f"{WEIGHTS_NAME}")
     cfg = read_model_meta(directory)["model"]
     name = cfg["name"]
+    if inference_args:
+        allowed = tuple(getattr(get_model_class(name), "INFERENCE_ARGS", ()))
+        bad = sorted(set(inference_args) - set(allowed))
+        if bad:
+            raise CheckpointError(f"{', '.join(bad)}: not an inference-time argument of {name!r}, which can only "
+                                  f"change {', '.join(allowed) if allowed else 'none'} after training")
+        cfg = {**cfg, **inference_args}
     try:
         model = create_model(**cfg)
     except (ProsegError, KeyError, TypeError, ValueError) as exc:  # unknown name/preset, bad or unknown arguments

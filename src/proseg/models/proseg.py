@@ -30,7 +30,15 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from proseg.errors import NonFiniteError
-from proseg.losses import dirichlet_kl, gaussian_kl, get_loss, log_variance, segmentation_loss, weighted_mean
+from proseg.losses import (
+    dirichlet_kl,
+    energy_score,
+    gaussian_kl,
+    get_loss,
+    log_variance,
+    segmentation_loss,
+    weighted_mean,
+)
 from proseg.models._utils import check_rater_sampling, l2_norm_sum, noise, training_pairs
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel, eval_mode
@@ -44,6 +52,7 @@ from proseg.models.registry import register_model
 MAX_GAMMA_ROUNDS = 100
 
 
+@torch.compiler.disable
 def check_concentration(alpha: Tensor, what: str = "Gamma/Dirichlet concentration") -> None:
     """Raise :class:`~proseg.errors.NonFiniteError` unless every element of ``alpha`` is finite and > 0.
 
@@ -64,6 +73,9 @@ def check_concentration(alpha: Tensor, what: str = "Gamma/Dirichlet concentratio
     )
 
 
+# Kept out of torch.compile graphs: the rejection loop's sizes depend on the data (a graph break here, compiled code
+# around it), and the concentration check reads values on the host.
+@torch.compiler.disable
 def _gamma_marsaglia_tsang(alpha: Tensor, generator: torch.Generator | None) -> Tensor:
     """Exact ``Gamma(alpha, 1)`` draws (Marsaglia & Tsang 2000) from ``generator``-driven normals and uniforms.
 
@@ -240,18 +252,21 @@ class SegHead(nn.Module):
     """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as linear layers on channels-last data).
 
     ``forward(z, tau)``: ``z`` ``(..., H, W, Zc)`` channels-last, ``tau`` ``(..., D)`` with the same leading dims
-    (broadcastable) -> logits ``(..., H, W)``. ``W1 @ [z; tau] + b1 = W1z @ z + (W1tau @ tau + b1)``: tau's part
+    (broadcastable) -> logits ``(..., H, W)`` (``(..., H, W, outputs)`` with ``outputs > 1``: the logits of an
+    ``s x s`` block of full-resolution pixels per latent pixel, see ``ProSeg(scale=s)``).
+    ``W1 @ [z; tau] + b1 = W1z @ z + (W1tau @ tau + b1)``: tau's part
     is a per-leading-index bias, so the ``(.., D, H, W)`` tile is never materialised.
     """
 
-    def __init__(self, z_channels: int, tau_dim: int, hidden: int, num_layers: int) -> None:
+    def __init__(self, z_channels: int, tau_dim: int, hidden: int, num_layers: int, outputs: int = 1) -> None:
         super().__init__()
         if num_layers < 2:
             raise ValueError(f"head_layers must be >= 2, got {num_layers}")
         self.z_channels = z_channels
+        self.outputs = int(outputs)
         dims = [z_channels + tau_dim] + [hidden] * (num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-        self.last = nn.Linear(hidden, 1)
+        self.last = nn.Linear(hidden, self.outputs)
         for m in [*self.layers, self.last]:  # Xavier as the reference head
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
@@ -265,7 +280,8 @@ class SegHead(nn.Module):
         h = h.relu_()  # in place: linear's backward needs its input, not its output
         for layer in self.layers[1:]:
             h = layer(h).relu_()
-        return self.last(h).squeeze(-1)
+        out = self.last(h)
+        return out.squeeze(-1) if self.outputs == 1 else out
 
     def l2(self) -> Tensor:
         """Sum of the (non-squared) L2 norms of every weight and bias of all layers but the last (the reference's
@@ -370,10 +386,26 @@ class ProSeg(MultiRaterModel):
             logvar ~ 0, so Z starts as unit noise around mu and the head first sees mostly noise). A negative value
             (e.g. -4) starts Z close to mu, so the segmentation head learns from the features at once and the KL
             term widens q(Z|x,r) as training goes.
+        scale: s, the resolution factor of everything after the input: the image is folded into ``C * s^2``
+            channels at ``H/s x W/s`` (space-to-depth, lossless; sizes not divisible by s are padded by edge
+            replication and cropped back), the backbone, the heads and Z run at that resolution, and the
+            segmentation head predicts the ``s x s`` block of full-resolution logits of each latent pixel, so masks
+            and losses stay at full resolution. s = 2 costs about a quarter of s = 1. p(x|Z) reconstructs the
+            folded image (the same MSE as at full resolution).
+        scale_head: how the head's logits reach full resolution for s > 1: ``"smooth"`` (a coarse logit upsampled
+            bilinearly plus learned per-pixel corrections that start at zero, so training starts without 2x2
+            block artefacts) or ``"shuffle"`` (depth-to-space of ``s^2`` logits only).
+        train_samples: K, Z draws per (image, rater) pair in a training step (the segmentation loss averages
+            over them; tau is drawn once per pair).
+        es_weight: weight of the energy score of the K draws against the rater's mask
+            (:func:`proseg.losses.energy_score`; needs ``train_samples >= 2``): a proper scoring rule whose
+            pairwise term makes Z's samples disagree where the rater's boundary is uncertain, instead of
+            collapsing q(Z|x,r) onto its mean.
     """
 
     supports_personalized = True
     supports_diverse = True
+    INFERENCE_ARGS = ("diverse_mode", "diverse_rater")
 
     PRESETS: dict[str, dict[str, Any]] = {
         "reference": _REFERENCE,
@@ -435,8 +467,23 @@ class ProSeg(MultiRaterModel):
         latent_lr: float | None = 2e-3,
         channels_last: bool = False,
         z_logvar_init: float | None = -4.0,
+        scale: int = 1,
+        scale_head: str = "shuffle",
+        train_samples: int = 1,
+        es_weight: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_raters)
+        if int(scale) != scale or scale < 1:
+            raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+        if int(train_samples) != train_samples or train_samples < 1:
+            raise ValueError(f"train_samples must be an integer >= 1, got {train_samples!r}")
+        if es_weight < 0 or (es_weight > 0 and train_samples < 2):
+            raise ValueError(f"es_weight={es_weight} needs es_weight >= 0 and, when > 0, train_samples >= 2 "
+                             f"(the energy score compares samples), got train_samples={train_samples}")
+        if scale_head not in ("smooth", "shuffle"):
+            raise ValueError(f"scale_head must be 'smooth' or 'shuffle', got {scale_head!r}")
+        self.scale, self.train_samples, self.es_weight = int(scale), int(train_samples), float(es_weight)
+        self.scale_head = scale_head
         check_rater_sampling(rater_sampling)
         if diverse_mode not in ("prior_classifier", "per_rater"):
             raise ValueError(f"diverse_mode must be 'prior_classifier' or 'per_rater', got {diverse_mode!r}")
@@ -459,7 +506,8 @@ class ProSeg(MultiRaterModel):
         self.latent_lr = latent_lr
         self.channels_last = bool(channels_last)
 
-        self.backbone = create_backbone(backbone, in_channels, **dict(backbone_cfg or {}))
+        folded = in_channels * self.scale ** 2  # the image's channels after space-to-depth
+        self.backbone = create_backbone(backbone, folded, **dict(backbone_cfg or {}))
         feat = int(self.backbone.out_channels)
         self.tau = TauPosterior(num_raters, tau_dim, classifier_hidden)
         self.stat_heads = RaterConvStack(num_raters, (feat, *stat_hidden, 2 * z_channels), shared_input=True)
@@ -472,19 +520,59 @@ class ProSeg(MultiRaterModel):
                 recon_backbone or backbone,
                 dict(recon_backbone_cfg if recon_backbone_cfg is not None else (backbone_cfg or {})),
                 remap_channels,
-                in_channels,
+                folded,
             )
         else:
-            self.recon = LightReconDecoder(remap_channels, in_channels, recon_hidden)
-        self.head = SegHead(z_channels, tau_dim, head_channels, head_layers)
+            self.recon = LightReconDecoder(remap_channels, folded, recon_hidden)
+        smooth = self.scale > 1 and self.scale_head == "smooth"
+        self.head = SegHead(z_channels, tau_dim, head_channels, head_layers,
+                            outputs=self.scale ** 2 + (1 if smooth else 0))
+        if smooth:  # start from the upsampled coarse logit; the per-pixel corrections are learned from zero
+            with torch.no_grad():
+                self.head.last.weight[1:].zero_()
+                self.head.last.bias[1:].zero_()
         if self.channels_last:
             for prm in self.parameters():  # the 4D conv weights (the stacked per-rater ones are 5D)
                 if prm.ndim == 4:
                     prm.data = prm.data.contiguous(memory_format=torch.channels_last)
 
     # --- shared pieces ------------------------------------------------------------------------------------------
+    def _fold(self, images: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, C s^2, ceil(H/s), ceil(W/s))``: edge-padded to a multiple of s, space-to-depth
+        (the identity for s = 1)."""
+        s = self.scale
+        if s == 1:
+            return images
+        H, W = images.shape[-2:]
+        ph, pw = -H % s, -W % s
+        if ph or pw:
+            images = F.pad(images, (0, pw, 0, ph), mode="replicate")
+        return F.pixel_unshuffle(images, s)
+
+    def _unfold(self, t: Tensor, size: tuple[int, int]) -> Tensor:
+        """The head's latent-resolution logits to full resolution, cropped to ``size``: ``(..., h, w, s^2)``
+        (``scale_head="shuffle"``: depth-to-space) or ``(..., h, w, 1 + s^2)`` (``"smooth"``: bilinear upsampling
+        of the first channel plus depth-to-space of the others) -> ``(..., H, W)``; ``(..., h, w)`` as is for s = 1."""
+        s = self.scale
+        if s == 1:
+            return t
+        *lead, h, w, _ = t.shape
+        coarse = None
+        if self.scale_head == "smooth":
+            coarse, t = t[..., 0], t[..., 1:]
+        t = t.reshape(*lead, h, w, s, s).transpose(-3, -2).reshape(*lead, h * s, w * s)
+        if coarse is not None:
+            up = F.interpolate(coarse.reshape(-1, 1, h, w), scale_factor=s, mode="bilinear", align_corners=False)
+            t = t + up.reshape(*lead, h * s, w * s)
+        return t[..., : size[0], : size[1]]
+
+    def _logits(self, z: Tensor, tau: Tensor, size: tuple[int, int]) -> Tensor:
+        """p(y|tau, Z) at full resolution: ``z`` ``(..., h, w, Zc)``, ``tau`` ``(..., D)`` -> ``(..., H, W)``."""
+        return self._unfold(self.head(z, tau), size)
+
     def _features(self, images: Tensor) -> Tensor:
         with record_function("proseg.backbone"):
+            images = self._fold(images)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             return self.backbone(images)
@@ -503,9 +591,11 @@ class ProSeg(MultiRaterModel):
 
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Negative ELBO + L2, averaged over the (image, rater) pairs that are used and present.
+        """Negative ELBO + L2 (+ the energy score of K Z draws), averaged over the (image, rater) pairs that are
+        used and present.
 
-        Returns ``loss`` and the terms ``seg``, ``kl_tau``, ``kl_z``, ``ce``, ``recon``, ``l2`` (undetached).
+        Returns ``loss`` and the terms ``seg``, ``kl_tau``, ``kl_z``, ``ce``, ``recon``, ``l2`` and, with
+        ``es_weight > 0``, ``es`` (undetached).
         Randomness (the rater choice with ``rater_sampling="one"``, tau and Z) comes from ``generator`` (the
         global RNG when None).
         """
@@ -529,21 +619,32 @@ class ProSeg(MultiRaterModel):
                                        reduction="none")
             ce = weighted_mean(ce_pairs, weight.reshape(-1))
 
-        mu, logvar = self._stats(feats, stat_raters)  # (B, S, H, W, Zc)
+        mu, logvar = self._stats(feats, stat_raters)  # (B, S, h, w, Zc), h = H / scale
+        K = self.train_samples
         with record_function("proseg.z_sample"):
-            z = self._sample_z(mu, logvar, generator)
+            if K == 1:
+                z = self._sample_z(mu, logvar, generator)
+            else:  # K draws per pair: (B, S, K, h, w, Zc)
+                shape = (B, S, K, *mu.shape[2:])
+                z = self._sample_z(mu[:, :, None].expand(shape), logvar[:, :, None].expand(shape), generator)
         with record_function("proseg.loss.kl_z"):
             kl_z = weighted_mean(gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4)), weight)
 
         with record_function("proseg.seg_head"):
-            logits = self.head(z, tau)  # (B, S, H, W)
+            logits = self._logits(z, tau if K == 1 else tau[:, :, None], (H, W))  # (B, S[, K], H, W)
         with record_function("proseg.loss.seg"):
-            seg = segmentation_loss(self.seg_loss_kind, logits.reshape(B * S, H, W), target.reshape(B * S, H, W),
-                                    weight.reshape(-1))
+            flat_w = weight.reshape(-1) if K == 1 else weight[:, :, None].expand(B, S, K).reshape(-1)
+            flat_t = target if K == 1 else target[:, :, None].expand(B, S, K, H, W)
+            seg = segmentation_loss(self.seg_loss_kind, logits.reshape(-1, H, W), flat_t.reshape(-1, H, W), flat_w)
+        terms: dict[str, Tensor] = {}
+        if self.es_weight > 0:
+            with record_function("proseg.loss.energy"):
+                terms["es"] = energy_score(torch.sigmoid(logits).reshape(B * S, K, H, W),
+                                           target.reshape(B * S, H, W), weight.reshape(-1))
 
-        x_hat = self._decode_image(z, stat_raters)  # (B, S, C, H, W)
+        x_hat = self._decode_image(z if K == 1 else z[:, :, 0], stat_raters)  # (B, S, C s^2, h, w)
         with record_function("proseg.loss.recon"):
-            mse_pairs = (x_hat.float() - image.float()[:, None]).pow(2).mean(dim=(2, 3, 4))
+            mse_pairs = (x_hat.float() - self._fold(image).float()[:, None]).pow(2).mean(dim=(2, 3, 4))
             recon = weighted_mean(mse_pairs, weight)
             if self.recon_divide_by_batch:
                 recon = recon / B
@@ -552,13 +653,21 @@ class ProSeg(MultiRaterModel):
             l2 = self.head.l2()
             total = (seg + self.kl_weight * (kl_tau + kl_z) + self.ce_weight * ce + self.recon_weight * recon
                      + self.l2_weight * l2)
-        return {"loss": total, "seg": seg, "kl_tau": kl_tau, "kl_z": kl_z, "ce": ce, "recon": recon, "l2": l2}
+            if "es" in terms:
+                total = total + self.es_weight * terms["es"]
+        return {"loss": total, "seg": seg, "kl_tau": kl_tau, "kl_z": kl_z, "ce": ce, "recon": recon, "l2": l2,
+                **terms}
 
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """p(x|Z) for every rater with one Z draw each: ``(B, R, C, H, W)`` (a diagnostic; the loss uses it)."""
         self._check_images(images)
+        B, H, W = images.shape[0], *images.shape[-2:]
         mu, logvar = self._stats(self._features(images), None)
-        return self._decode_image(self._sample_z(mu, logvar, generator), None)
+        x = self._decode_image(self._sample_z(mu, logvar, generator), None)  # (B, R, C s^2, h, w)
+        if self.scale > 1:
+            x = F.pixel_shuffle(x.reshape(-1, *x.shape[2:]), self.scale)[..., :H, :W]
+            x = x.reshape(B, self.num_raters, self.in_channels, H, W)
+        return x
 
     @staticmethod
     def _sample_z(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -567,14 +676,15 @@ class ProSeg(MultiRaterModel):
 
     def _decode_image(self, z: Tensor, raters: Tensor | None) -> Tensor:
         """p(x|Z): ``z`` ``(B, S, H, W, Zc)`` channels-last through each pair's remap head (``raters`` ``(B, S)``, or
-        None = all R in order) and the reconstruction decoder -> ``(B, S, C, H, W)``."""
+        None = all R in order) and the reconstruction decoder -> ``(B, S, C s^2, H, W)`` (the folded image at the
+        latent's resolution H x W)."""
         B, S, H, W = z.shape[:4]
         with record_function("proseg.remap_recon"):
             remap = self.remap_heads(z.permute(0, 1, 4, 2, 3), raters)  # (B, S, Cr, H, W)
             remap = remap.reshape(B * S, *remap.shape[2:])
             if self.channels_last:
                 remap = remap.contiguous(memory_format=torch.channels_last)
-            return self.recon(remap).reshape(B, S, self.in_channels, H, W)
+            return self.recon(remap).reshape(B, S, self.in_channels * self.scale ** 2, H, W)
 
     # --- sampling -----------------------------------------------------------------------------------------------
     def sample_personalized(
@@ -607,12 +717,15 @@ class ProSeg(MultiRaterModel):
         lead = 1 if share_latent else B
         with record_function("proseg.sample.tau"):
             tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
-        return self._per_rater_samples(mu, logvar, tau, generator)
+        return self._per_rater_samples(mu, logvar, tau, generator, images.shape[-2:])
 
-    def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None) -> Tensor:
-        """``mu``/``logvar`` ``(B, R, H, W, Zc)``, ``tau`` ``(B or 1, R, K, D)`` -> ``(B, R, K, H, W)`` probabilities,
-        Z ~ N(mu_r, exp(logvar_r)) drawn per sample; Z is broadcast from the per-rater statistics, never gathered."""
-        B, R, H, W, _ = mu.shape
+    def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None,
+                           size: Sequence[int]) -> Tensor:
+        """``mu``/``logvar`` ``(B, R, h, w, Zc)``, ``tau`` ``(B or 1, R, K, D)`` -> ``(B, R, K, H, W)`` probabilities
+        (``size`` = (H, W)), Z ~ N(mu_r, exp(logvar_r)) drawn per sample; Z is broadcast from the per-rater
+        statistics, never gathered."""
+        B, R = mu.shape[:2]
+        H, W = int(size[0]), int(size[1])
         K = tau.shape[2]
         std = torch.exp(0.5 * logvar)[:, :, None]
         mu = mu[:, :, None]
@@ -623,7 +736,7 @@ class ProSeg(MultiRaterModel):
                 z = noise("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
                 z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
             with record_function("proseg.sample.seg_head"):
-                out[:, :, k0:k1] = torch.sigmoid(self.head(z, tau[:, :, k0:k1]))
+                out[:, :, k0:k1] = torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)))
         return out
 
     @staticmethod
@@ -649,7 +762,8 @@ class ProSeg(MultiRaterModel):
         """
         self._check_sampling(images, num_samples)
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
-        mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        mu, logvar = self._stats(self._features(images), None)  # (B, R, h, w, Zc)
         lead = 1 if share_latent else B
         if self.diverse_mode == "per_rater":
             # ceil(K/R) prior samples for every rater through the broadcast path, then keep the first
@@ -657,7 +771,7 @@ class ProSeg(MultiRaterModel):
             per = -(-K // R)
             with record_function("proseg.sample.tau"):
                 tau = self._prior_tau((lead, R, per), generator, mu)
-            out = self._per_rater_samples(mu, logvar, tau, generator).reshape(B, R * per, *mu.shape[2:4])
+            out = self._per_rater_samples(mu, logvar, tau, generator, size).reshape(B, R * per, *size)
             counts = K // R + (torch.arange(R, device=mu.device) < K % R).long()  # (R,)
             keep = (torch.arange(per, device=mu.device)[None, :] < counts[:, None]).reshape(-1).nonzero()[:, 0]
             return out.index_select(1, keep)
@@ -674,14 +788,14 @@ class ProSeg(MultiRaterModel):
         zc = self.z_channels
         std_mu = torch.cat([torch.exp(0.5 * logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
         bidx = torch.arange(B, device=mu.device)[:, None]
-        out = mu.new_empty(B, K, *mu.shape[2:4])
+        out = mu.new_empty(B, K, *size)
         for k0, k1 in self._chunks(K, mu[:, 0]):
             with record_function("proseg.sample.z"):
                 sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
                 z = noise("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
                 z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
-                out[:, k0:k1] = torch.sigmoid(self.head(z, tau[:, k0:k1]))
+                out[:, k0:k1] = torch.sigmoid(self._logits(z, tau[:, k0:k1], size))
         return out
 
     # --- optimisation ---------------------------------------------------------------------------------------------
@@ -796,5 +910,5 @@ class ProSeg(MultiRaterModel):
             bidx = torch.arange(B, device=mu.device)[:, None]
             m, lv = mu[bidx, rat], logvar[bidx, rat]  # (B, T, H, W, Zc)
             z = self._sample_z(m, lv, generator)
-            return torch.sigmoid(self.head(z, taus))
+            return torch.sigmoid(self._logits(z, taus, images.shape[-2:]))
 
