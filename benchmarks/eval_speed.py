@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phiseg-samples", type=int, default=50)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--proseg", nargs="*", default=["default"],
+                   help="ProSeg variants to time, each 'label' or 'label:key=value,key=value' (model arguments on "
+                        "the default preset, YAML values), e.g. scale1:scale=1")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,13 +142,18 @@ def main(argv: list[str] | None = None) -> int:
           f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     conventions = list(CONVENTIONS)
     out: dict[str, Any] = {}
-    torch.manual_seed(0)
-    model = create_model("proseg", in_channels=1, num_raters=args.raters, preset="default")
-    t = time.perf_counter()
-    train_briefly(model, args.train_steps, args.size, args.raters)
-    print(f"# proseg default trained {args.train_steps} steps in {time.perf_counter() - t:.1f} s", flush=True)
-    out["proseg:default"] = time_eval(model, args.slices, args.size, args.raters, ["personalized", "diverse"],
-                                      args.samples, conventions)
+    import yaml
+
+    for spec in args.proseg:
+        label, _, kv = spec.partition(":")
+        kw = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in kv.split(",") if item)}
+        torch.manual_seed(0)
+        model = create_model("proseg", in_channels=1, num_raters=args.raters, preset="default", **kw)
+        t = time.perf_counter()
+        train_briefly(model, args.train_steps, args.size, args.raters)
+        print(f"# proseg {label} trained {args.train_steps} steps in {time.perf_counter() - t:.1f} s", flush=True)
+        out[f"proseg:{label}"] = time_eval(model, args.slices, args.size, args.raters, ["personalized", "diverse"],
+                                           args.samples, conventions)
     if args.phiseg_slices > 0:
         torch.manual_seed(0)
         ph = create_model("phiseg", in_channels=1, num_raters=args.raters, preset="default")
@@ -158,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['sampling_cpu_s_per_1000']:.1f} | {r['metrics_cpu_s_per_1000']:.1f} | "
                      f"{r['other_cpu_s_per_1000']:.1f} | {r['wall_s_per_1000']:.1f} | {r['cpu_s_per_slice']:.3f} |")
     print("\n".join(lines))
-    r = out["proseg:default"]
-    print(f"# proseg default: {r['cpu_s_per_1000'] / 60:.2f} CPU-min per 1000 slices (target <= 3); sampling "
-          f"{100 * r['sampling_cpu_s_per_1000'] / r['cpu_s_per_1000']:.0f} %, metrics "
-          f"{100 * r['metrics_cpu_s_per_1000'] / r['cpu_s_per_1000']:.0f} %")
+    for m, r in out.items():
+        if m.startswith("proseg:"):
+            print(f"# {m}: {r['cpu_s_per_1000'] / 60:.2f} CPU-min per 1000 slices (target <= 3); sampling "
+                  f"{100 * r['sampling_cpu_s_per_1000'] / r['cpu_s_per_1000']:.0f} %, metrics "
+                  f"{100 * r['metrics_cpu_s_per_1000'] / r['cpu_s_per_1000']:.0f} %")
     load = os.getloadavg()
     print(f"# load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:

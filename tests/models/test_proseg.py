@@ -148,9 +148,10 @@ def test_reference_preset_parameter_count() -> None:
 
 
 def test_default_is_the_constructor_and_the_documented_size() -> None:
-    model = ProSeg(1, 4)  # = create_model("proseg", in_channels=1, num_raters=4): docs/models.md's 573,430
-    assert sum(p.numel() for p in model.parameters()) == 573_430
-    assert model.rater_sampling == "one" and model.diverse_mode == "prior_classifier"
+    model = ProSeg(1, 4)  # = create_model("proseg", in_channels=1, num_raters=4): docs/models.md's 573,981
+    assert sum(p.numel() for p in model.parameters()) == 573_981
+    assert model.rater_sampling == "one" and model.diverse_mode == "per_rater"
+    assert model.scale == 2 and model.scale_head == "smooth" and model.es_weight == 0.0
     assert float(model.stat_heads.biases[-1][0, model.z_channels].detach()) == -4.0  # z_logvar_init
 
 
@@ -352,3 +353,43 @@ def test_scale_and_energy_score_options_are_checked() -> None:
     for kw in bad:
         with pytest.raises(ValueError):
             tiny(**kw)
+
+
+def test_z_temperature_scales_only_the_sampling_spread() -> None:
+    base = tiny()
+    hot = tiny(z_temperature=3.0)
+    cold = tiny(z_temperature=0.0)
+    b = batch()
+    torch.testing.assert_close(hot.loss(b, torch.Generator().manual_seed(0))["loss"],
+                               base.loss(b, torch.Generator().manual_seed(0))["loss"])  # training unchanged
+    x = b["image"]
+
+    def spread(m: ProSeg) -> float:
+        return float(m.sample_personalized(x, 8, torch.Generator().manual_seed(1)).var(dim=2).mean())
+
+    assert spread(cold) < spread(base) < spread(hot)  # (tau ~ q(tau|r) still varies at temperature 0)
+    with pytest.raises(ValueError):
+        tiny(z_temperature=-1.0)
+
+
+def test_a_checkpoint_of_the_former_default_still_loads(tmp_path) -> None:
+    """model.json files written before the defaults changed name neither scale nor diverse_mode."""
+    import json
+
+    from proseg.errors import ProsegWarning
+    from proseg.models import load_model, save_model
+
+    torch.manual_seed(0)
+    old = create_model("proseg", in_channels=1, num_raters=2, scale=1, diverse_mode="prior_classifier")
+    save_model(old, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert meta["model"]["scale"] == 1  # new files pin the resolution (config_updates)
+    for key in ("scale", "scale_head", "diverse_mode"):
+        del meta["model"][key]  # what an old file looks like
+    (tmp_path / "ckpt" / "model.json").write_text(json.dumps(meta))
+    with pytest.warns(ProsegWarning, match="former defaults"):
+        back = load_model(tmp_path / "ckpt")
+    assert back.scale == 1 and back.diverse_mode == "prior_classifier"
+    x = torch.randn(1, 1, H, W)
+    torch.testing.assert_close(back.sample_diverse(x, 3, torch.Generator().manual_seed(0)),
+                               old.sample_diverse(x, 3, torch.Generator().manual_seed(0)))

@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import proseg
-from proseg.errors import CheckpointError, ProsegError
+from proseg.errors import CheckpointError, ProsegError, ProsegWarning
 from proseg.fsutil import atomic_write_bytes
 from proseg.jsonio import dumps
 from proseg.models.registry import create_model, get_model_class
@@ -134,6 +135,9 @@ class MultiRaterModel(nn.Module):
     supports_personalized: bool = False
     supports_diverse: bool = False
     PRESETS: dict[str, dict[str, Any]] = {"default": {}}
+    #: constructor defaults the class had before they changed: a checkpoint whose model.json names none of them and
+    #: whose weights do not fit the current defaults is rebuilt with these (``load_model``, with a warning)
+    LEGACY_DEFAULTS: dict[str, Any] = {}
     #: constructor arguments that only change how samples are drawn, never the weights: ``load_model(...,
     #: inference_args=...)`` (``proseg evaluate/predict --model-arg``) may replace them in a trained checkpoint
     INFERENCE_ARGS: tuple[str, ...] = ()
@@ -227,7 +231,8 @@ class MultiRaterModel(nn.Module):
 
     def config_updates(self) -> dict[str, Any]:
         """Constructor options whose value the model itself changes after it is built (D-Persona's ``stage``, see
-        ``set_stage``); :attr:`init_config` records their current values. ``{}`` for most models."""
+        ``set_stage``) or that it pins against future changes of its defaults (ProSeg's ``scale``);
+        :attr:`init_config` records their current values. ``{}`` for most models."""
         return {}
 
     # --- a new rater (few-shot adaptation; docs/adaptation.md) ------------------------------------------
@@ -453,6 +458,24 @@ def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def _legacy_build(cfg: dict[str, Any], inference_args: dict[str, Any],
+                  state: dict[str, Tensor]) -> tuple[Any, list[str], list[str]] | None:
+    """A model.json written before a model class changed its constructor defaults names none of the changed
+    arguments; rebuild it with the class's ``LEGACY_DEFAULTS`` (then the caller's ``inference_args``) and load
+    ``state``. None when the class has none, the saved config sets one of them, or the weights do not fit either."""
+    legacy = dict(getattr(get_model_class(cfg["name"]), "LEGACY_DEFAULTS", {}))
+    if not legacy or any(k in cfg for k in legacy):
+        return None
+    cfg = {**legacy, **cfg, **inference_args}
+    try:
+        model = create_model(**cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (ProsegError, KeyError, TypeError, ValueError, RuntimeError):
+        return None
+    model.init_config = cfg
+    return model, missing, unexpected
+
+
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
                inference_args: dict[str, Any] | None = None) -> MultiRaterModel:
     """Rebuild a model from a directory holding ``model.json`` + ``model.safetensors`` (strict load).
@@ -485,7 +508,7 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
         if bad:
             raise CheckpointError(f"{', '.join(bad)}: not an inference-time argument of {name!r}, which can only "
                                   f"change {', '.join(allowed) if allowed else 'none'} after training")
-        cfg = {**cfg, **inference_args}
+    saved, cfg = cfg, {**cfg, **(inference_args or {})}
     try:
         model = create_model(**cfg)
     except (ProsegError, KeyError, TypeError, ValueError) as exc:  # unknown name/preset, bad or unknown arguments
@@ -494,8 +517,14 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a shape mismatch
-        raise CheckpointError(f"{weights_file}: weights do not fit the {name!r} architecture in {cfg_file} "
-                              f"({exc})") from exc
+        legacy = _legacy_build(saved, inference_args or {}, state)
+        if legacy is None:
+            raise CheckpointError(f"{weights_file}: weights do not fit the {name!r} architecture in {cfg_file} "
+                                  f"({exc})") from exc
+        model, missing, unexpected = legacy
+        warnings.warn(f"{cfg_file}: saved before the {name!r} defaults changed; rebuilt with the former defaults "
+                      f"{dict(type(model).LEGACY_DEFAULTS)} (add them to its model entry to silence this)",
+                      ProsegWarning, stacklevel=2)
     if missing or unexpected:
         raise CheckpointError(f"{weights_file}: weights do not match the {name!r} architecture in {cfg_file} "
                               f"(missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]})")

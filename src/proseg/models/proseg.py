@@ -344,6 +344,7 @@ _REFERENCE: dict[str, Any] = {
     "diverse_mode": "per_rater",
     "latent_lr": 2e-3,
     "z_logvar_init": None,
+    "scale": 1,
 }
 #: the ``default`` backbone configuration (read-only: a constructor default)
 _DEFAULT_BACKBONE_CFG: Mapping[str, Any] = MappingProxyType({"widths": (16, 32, 64, 128)})
@@ -401,19 +402,26 @@ class ProSeg(MultiRaterModel):
             (:func:`proseg.losses.energy_score`; needs ``train_samples >= 2``): a proper scoring rule whose
             pairwise term makes Z's samples disagree where the rater's boundary is uncertain, instead of
             collapsing q(Z|x,r) onto its mean.
+        z_temperature: inference only (training is unchanged): Z is drawn with ``z_temperature`` times the
+            posterior's standard deviation in every sampling call (0 = the posterior mean). An inference-time
+            argument (``INFERENCE_ARGS``): ``proseg evaluate --model-arg z_temperature=2`` changes it on a trained
+            checkpoint, so it can be chosen on the validation part.
     """
 
     supports_personalized = True
     supports_diverse = True
-    INFERENCE_ARGS = ("diverse_mode", "diverse_rater")
+    INFERENCE_ARGS = ("diverse_mode", "diverse_rater", "z_temperature")
+    #: the constructor's defaults before 2026-12-02 (full resolution, the paper's diverse mode): older
+    #: checkpoints of the ``default`` preset name neither, and load_model rebuilds them with these
+    LEGACY_DEFAULTS = {"scale": 1, "diverse_mode": "prior_classifier"}
 
     PRESETS: dict[str, dict[str, Any]] = {
         "reference": _REFERENCE,
-        # The constructor's defaults, chosen by the CPU-scale benchmark (docs/results.md): the reference's
-        # hyper-parameters with a small U-Net backbone (16 feature channels, as the reference's), the light
-        # reconstruction decoder instead of a second ResNet-34 U-Net, prior variance 1, one rater per image and step
-        # ("all" costs ~2.7x per step), and q(Z|x,r) started narrow (logvar -4) so the head learns from the features
-        # at once; about a third of the reference's step cost.
+        # The constructor's defaults, chosen on the validation part (docs/results.md): the reference's
+        # hyper-parameters with a small U-Net backbone, the light reconstruction decoder instead of a second
+        # ResNet-34 U-Net, prior variance 1, one rater per image and step, q(Z|x,r) started narrow (logvar -4),
+        # everything after the input at half resolution (scale 2: space-to-depth in, a smooth full-resolution
+        # logit head out) and the reference's per-rater diverse split; about a twentieth of the reference's step.
         "default": {},
         "tiny": {
             **_REFERENCE,
@@ -462,15 +470,16 @@ class ProSeg(MultiRaterModel):
         recon_divide_by_batch: bool = False,
         rater_sampling: str = "one",
         seg_loss: str = "gdl",
-        diverse_mode: str = "prior_classifier",
+        diverse_mode: str = "per_rater",
         diverse_rater: str = "argmax",
         latent_lr: float | None = 2e-3,
         channels_last: bool = False,
         z_logvar_init: float | None = -4.0,
-        scale: int = 1,
-        scale_head: str = "shuffle",
+        scale: int = 2,
+        scale_head: str = "smooth",
         train_samples: int = 1,
         es_weight: float = 0.0,
+        z_temperature: float = 1.0,
     ) -> None:
         super().__init__(in_channels, num_raters)
         if int(scale) != scale or scale < 1:
@@ -484,6 +493,9 @@ class ProSeg(MultiRaterModel):
             raise ValueError(f"scale_head must be 'smooth' or 'shuffle', got {scale_head!r}")
         self.scale, self.train_samples, self.es_weight = int(scale), int(train_samples), float(es_weight)
         self.scale_head = scale_head
+        if not (math.isfinite(z_temperature) and z_temperature >= 0):
+            raise ValueError(f"z_temperature must be a finite number >= 0, got {z_temperature!r}")
+        self.z_temperature = float(z_temperature)
         check_rater_sampling(rater_sampling)
         if diverse_mode not in ("prior_classifier", "per_rater"):
             raise ValueError(f"diverse_mode must be 'prior_classifier' or 'per_rater', got {diverse_mode!r}")
@@ -669,6 +681,11 @@ class ProSeg(MultiRaterModel):
             x = x.reshape(B, self.num_raters, self.in_channels, H, W)
         return x
 
+    def _sample_std(self, logvar: Tensor) -> Tensor:
+        """The standard deviation of Z at inference: ``z_temperature * exp(logvar / 2)``."""
+        std = torch.exp(0.5 * logvar)
+        return std if self.z_temperature == 1.0 else std.mul_(self.z_temperature)
+
     @staticmethod
     def _sample_z(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
         """One draw ``Z = mu + exp(logvar / 2) * eps`` per element (any shape)."""
@@ -727,7 +744,7 @@ class ProSeg(MultiRaterModel):
         B, R = mu.shape[:2]
         H, W = int(size[0]), int(size[1])
         K = tau.shape[2]
-        std = torch.exp(0.5 * logvar)[:, :, None]
+        std = self._sample_std(logvar)[:, :, None]
         mu = mu[:, :, None]
         tau = tau.expand(B, R, K, self.tau_dim)
         out = mu.new_empty(B, R, K, H, W)
@@ -786,7 +803,7 @@ class ProSeg(MultiRaterModel):
         rater = rater.expand(B, K)
         tau = tau.expand(B, K, self.tau_dim)
         zc = self.z_channels
-        std_mu = torch.cat([torch.exp(0.5 * logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
+        std_mu = torch.cat([self._sample_std(logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
         bidx = torch.arange(B, device=mu.device)[:, None]
         out = mu.new_empty(B, K, *size)
         for k0, k1 in self._chunks(K, mu[:, 0]):
@@ -835,6 +852,11 @@ class ProSeg(MultiRaterModel):
         b[self.z_channels:] = float(self.prior_logvar)
         return {"tau.raw_concentration": raw, f"stat_heads.weights.{last}": torch.zeros(w.shape[1:]),
                 f"stat_heads.biases.{last}": b}
+
+    def config_updates(self) -> dict[str, Any]:
+        """The resolution and the diverse mode are always written into ``model.json``, so that a later change of
+        the constructor's defaults cannot rebuild a saved model differently."""
+        return {"scale": self.scale, "scale_head": self.scale_head, "diverse_mode": self.diverse_mode}
 
     def _after_add_rater(self) -> None:
         self.tau.classifier[-1].out_features = self.num_raters
@@ -909,6 +931,6 @@ class ProSeg(MultiRaterModel):
             taus = taus.expand(B, T, self.tau_dim)
             bidx = torch.arange(B, device=mu.device)[:, None]
             m, lv = mu[bidx, rat], logvar[bidx, rat]  # (B, T, H, W, Zc)
-            z = self._sample_z(m, lv, generator)
+            z = torch.addcmul(m, self._sample_std(lv), noise("normal", m.shape, generator, m))
             return torch.sigmoid(self._logits(z, taus, images.shape[-2:]))
 
