@@ -264,6 +264,15 @@ def test_evaluate_model_arg_changes_only_the_sampling_choice(proseg_run: Path, s
     assert a["results"]["diverse"] != b["results"]["diverse"]  # another way of drawing, other samples
 
 
+def test_predict_model_arg_is_applied_and_checked(proseg_run: Path, tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x.png")
+    ok("predict", proseg_run, tmp_path / "x.png", tmp_path / "p", "--samples", "2", "--model-arg",
+       "diverse_mode=per_rater")
+    fails("predict", proseg_run, tmp_path / "x.png", tmp_path / "q", "--model-arg", "tau_dim=2",
+          match="not an inference-time argument")
+    assert not (tmp_path / "q").exists()
+
+
 def test_predict_bad_inputs(proseg_run: Path, tmp_path: Path) -> None:
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "rgb.png")
     fails("predict", tmp_path / "missing", tmp_path / "rgb.png", tmp_path / "o1", match="no such run")

@@ -50,7 +50,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
     model_arg: Optional[list[str]] = typer.Option(  # noqa: UP045
         None, "--model-arg", help="KEY=VALUE: replace an inference-time model argument (ProSeg: diverse_mode, "
-                                  "diverse_rater); repeatable."),
+                                  "diverse_rater, z_temperature); repeatable."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Sample K predictions per case and score them; writes metrics.json, cases.csv and figures.

@@ -38,18 +38,22 @@ def predict(
         None, "--overlap", help="Fraction of a window its neighbours share, in [0, 1) (default 0.25)."),
     blend: str | None = typer.Option(
         None, "--blend", help="Weights of overlapping windows: gaussian (default) or uniform."),
+    model_arg: list[str] | None = typer.Option(
+        None, "--model-arg", help="KEY=VALUE: replace an inference-time model argument (ProSeg: diverse_mode, "
+                                  "diverse_rater, z_temperature); repeatable."),
 ) -> None:
     """Predict in the input's format and geometry (NIfTI keeps its affine); nothing is left half-written."""
     from proseg.cli.errors import user_errors
 
     with user_errors():
+        from proseg.cli.evaluate import parse_model_args
         from proseg.commands.predict import predict_path
 
         report = predict_path(checkpoint, input, output, num_samples=samples, seed=seed, save_samples=save_samples,
                               threshold=threshold, force=force, device=device, progress=True,
                               intensity=intensity, window=window, percentiles=percentiles, roi=roi,
                               resample=resample, spacing=spacing, sliding_window=sliding_window,
-                              overlap=overlap, blend=blend)
+                              overlap=overlap, blend=blend, model_args=parse_model_args(model_arg or []))
         for note in report["notes"]:
             typer.echo(f"note: {note}", err=True)
         n = sum(len(v["files"]) for v in report["inputs"].values())

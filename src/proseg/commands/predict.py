@@ -145,8 +145,12 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
                  window: str | Sequence[float] | None = None, percentiles: str | Sequence[float] | None = None,
                  roi: str | Sequence[int] | None = None, resample: bool = False,
                  spacing: str | Sequence[float] | None = None, sliding_window: bool = False,
-                 overlap: float | None = None, blend: str | None = None) -> dict[str, Any]:
+                 overlap: float | None = None, blend: str | None = None,
+                 model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict every input under ``input_path`` into ``output`` (a folder); returns the report dict.
+
+    ``model_args``: inference-time model arguments (the class's ``INFERENCE_ARGS``, e.g. ProSeg's ``diverse_mode``
+    or ``z_temperature``) that replace the checkpoint's for this prediction.
 
     ``resample``: resample NIfTI inputs to ``spacing`` (mm), by default the training data's recorded voxel size.
     ``sliding_window``: predict inputs larger than the training size in windows of that size (``overlap``: fraction
@@ -162,7 +166,8 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     ckpt_dir = resolve_checkpoint(checkpoint)
     files = list_inputs(inp)
     device = str(resolve_device(device, env_dist_info(), key="--device"))
-    model = load_model(ckpt_dir, map_location=device)  # validates model.json and the weights, eval mode
+    # validates model.json and the weights, eval mode
+    model = load_model(ckpt_dir, map_location=device, inference_args=model_args)
     meta = read_model_meta(ckpt_dir)
     dataset = meta.get("dataset") or {}
     prep_meta = dataset.get("preprocessing") or {}
@@ -173,7 +178,8 @@ def predict_path(checkpoint: str | os.PathLike[str], input_path: str | os.PathLi
     notes = _notes(model, meta, prep_meta, override)
     check_writable(out)
     report: dict[str, Any] = {"checkpoint": str(ckpt_dir), "checkpoint_sha256": sha256_file(ckpt_dir / WEIGHTS_NAME),
-                              "model": meta["model"], "num_samples": num_samples, "seed": seed,
+                              "model": meta["model"], "model_args": dict(model_args or {}),
+                              "num_samples": num_samples, "seed": seed,
                               "threshold": threshold, "notes": notes, "inputs": {},
                               "roi": list(roi_box) if roi_box else None,
                               "spacing": list(target_spacing) if target_spacing else None,

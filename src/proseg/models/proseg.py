@@ -421,7 +421,7 @@ class ProSeg(MultiRaterModel):
         # hyper-parameters with a small U-Net backbone, the light reconstruction decoder instead of a second
         # ResNet-34 U-Net, prior variance 1, one rater per image and step, q(Z|x,r) started narrow (logvar -4),
         # everything after the input at half resolution (scale 2: space-to-depth in, a smooth full-resolution
-        # logit head out) and the reference's per-rater diverse split; about a twentieth of the reference's step.
+        # logit head out) and the reference's per-rater diverse split; about a sixteenth of the reference's step.
         "default": {},
         "tiny": {
             **_REFERENCE,
