@@ -86,7 +86,12 @@ def init_distributed(device: torch.device, info: DistInfo) -> None:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group at the end of a command that succeeded on every rank: a barrier first, so no rank
+    tears down its gloo/NCCL pairs while a peer is still using them (a rank that raised never gets here, and
+    torchrun stops the group when a worker fails)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
