@@ -41,6 +41,8 @@ def train(
 def _train(overrides: list[str], config: Path | None, data: Path | None, out: Path | None, fold: int | None,
            resume: Path | None, force: bool = False) -> None:
     # Imported when the command runs (they load torch): `proseg --help` starts without them.
+    import gc
+
     from proseg.engine import checkpoint as ckpt
     from proseg.engine.config import apply_overrides, load_config
     from proseg.engine.distributed import cleanup_distributed
@@ -80,4 +82,9 @@ def _train(overrides: list[str], config: Path | None, data: Path | None, out: Pa
         score = summary["best_score"]
         note = f" (val {cfg.train.val_metric} {score:.4f} at step {summary['best_step']})" if score is not None else ""
         typer.echo(f"trained {summary['steps']} steps in {summary['elapsed_s']:.1f} s; best checkpoint: {best}{note}")
+    # Free the DDP reducer while the process group is still registered: freed after destroy_process_group, its
+    # gloo group is torn down from the main thread (GIL held) while a gloo worker thread still needs the GIL to
+    # release a finished buffer broadcast -- a deadlock seen once in CI (rank 1 stuck in ~ProcessGroupGloo).
+    del trainer
+    gc.collect()
     cleanup_distributed()
