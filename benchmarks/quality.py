@@ -14,7 +14,15 @@ lists d_aa (``ged_labels``), d_pp (``ged_preds``), their ratio, the pixel varian
     proseg prepare qubiq ../shared/data/qubiq-brain-growth data/qubiq
     python benchmarks/quality.py --dataset qubiq --data data/qubiq --out bench/qubiq --budget-min 5
 
+Ablations: ``--steps N`` trains every model for N optimizer steps instead of a wall-clock budget, and
+``--split val`` scores the validation part (choices are made there; ``--split test`` is for reports):
+
+    python benchmarks/quality.py --dataset lidc --data data/lidc --out abl --steps 400 --split val \
+        --models "new=proseg:default" "new-T15=proseg:default|from=new|infer.z_temperature=1.5"
+
 Models are given as ``label=name[:preset][|key=value...]`` (``--models``) or taken from the default list.
+``from=LABEL`` scores another entry's run instead of training, ``infer.KEY=VALUE`` passes ``--model-arg KEY=VALUE``
+to ``proseg evaluate``.
 Training and evaluation run as ``proseg train`` / ``proseg evaluate`` child processes, whose wall time and peak
 RSS (``os.wait4``) are recorded. Re-running skips runs that already finished (``--retrain`` to redo them).
 Writes ``results.json`` and ``results.md`` into ``--out``.
