@@ -260,6 +260,9 @@ def test_evaluate_model_arg_changes_only_the_sampling_choice(proseg_run: Path, s
     ok("evaluate", proseg_run, *common, "--out", tmp_path / "b", "--model-arg", "diverse_mode=prior_classifier")
     a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
     assert a["model_args"] == {"diverse_mode": "per_rater"}
+    # "model" is the configuration that was evaluated (pinned defaults and the override included)
+    assert a["model"]["diverse_mode"] == "per_rater" and b["model"]["diverse_mode"] == "prior_classifier"
+    assert a["model"]["scale"] == b["model"]["scale"] == 1
     assert a["checkpoint_sha256"] == b["checkpoint_sha256"]
     assert a["results"]["diverse"] != b["results"]["diverse"]  # another way of drawing, other samples
 

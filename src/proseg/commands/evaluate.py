@@ -260,7 +260,9 @@ def build_report(ckpt_dir: Path, opts: EvalOptions, loaded: EvalInputs, records:
     return {
         "checkpoint": str(ckpt_dir),
         "checkpoint_sha256": sha256_file(ckpt_dir / WEIGHTS_NAME),
-        "model": meta.get("model"),
+        # what was evaluated: model.json's config as rebuilt (pinned defaults, legacy defaults, --model-arg), so
+        # that evaluations of one setting compare equal in `proseg summarize` whatever model.json spelled out
+        "model": getattr(loaded.model, "init_config", None) or meta.get("model"),
         "trained_steps": meta.get("step"),
         "dataset": str(loaded.store.path),
         "manifest_sha256": manifest_checksum(loaded.store.path),
