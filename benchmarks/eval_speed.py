@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from proseg.engine import evaluation
+from proseg.engine.config import parse_key_values
 from proseg.engine.types import CaseData
 from proseg.metrics import CONVENTIONS
 from proseg.models import create_model
@@ -142,11 +143,9 @@ def main(argv: list[str] | None = None) -> int:
           f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     conventions = list(CONVENTIONS)
     out: dict[str, Any] = {}
-    import yaml
-
     for spec in args.proseg:
         label, _, kv = spec.partition(":")
-        kw = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in kv.split(",") if item)}
+        kw = parse_key_values([item for item in kv.split(",") if item], "--proseg", "scale=1")
         torch.manual_seed(0)
         model = create_model("proseg", in_channels=1, num_raters=args.raters, preset="default", **kw)
         t = time.perf_counter()

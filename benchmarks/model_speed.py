@@ -103,24 +103,12 @@ def _PlainSegmenter(backbone: str, in_channels: int):  # noqa: N802 - a class fa
     return PlainSegmenter()
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["scale=2", "es_weight=1.0"]`` -> model keyword arguments (values read as YAML scalars)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"model override {item!r} is not key=value (spec: name[:preset][+key=value...])")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     import resource
 
     import torch
 
+    from proseg.engine.config import parse_key_values
     from proseg.models import create_model
 
     if args.threads:
@@ -131,7 +119,7 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         keep_freed_memory()
     name, _, preset = spec.partition(":")
     preset, *extra = (preset or "default").split("+")
-    overrides = parse_overrides(extra)
+    overrides = parse_key_values(extra, "model override", "scale=2")  # spec: name[:preset][+key=value...]
     torch.manual_seed(0)
     if name == "backbone":  # calibration row: a plain segmentation net (smp Unet-resnet34 with a 3x3 head + BCE)
         model = _PlainSegmenter(preset, args.channels)

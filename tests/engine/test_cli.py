@@ -251,7 +251,9 @@ def test_evaluate_bad_inputs(proseg_run: Path, synth: Path, other_data: dict[str
           match="not an inference-time argument")
     fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e7", "--model-arg", "diverse_mode=best",
           match="diverse_mode")
-    assert not any((tmp_path / f"e{i}").exists() for i in (5, 6, 7))
+    fails("evaluate", proseg_run, "--data", synth, "--out", tmp_path / "e8", "--model-arg", "z_temperature=[1",
+          match="not valid YAML")
+    assert not any((tmp_path / f"e{i}").exists() for i in (5, 6, 7, 8))
 
 
 def test_evaluate_model_arg_changes_only_the_sampling_choice(proseg_run: Path, synth: Path, tmp_path: Path) -> None:

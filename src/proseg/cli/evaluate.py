@@ -9,18 +9,10 @@ import typer
 
 
 def parse_model_args(items: list[str]) -> dict[str, Any]:
-    """``["diverse_mode=per_rater"]`` -> ``{"diverse_mode": "per_rater"}`` (values read as YAML scalars)."""
-    import yaml
+    """``--model-arg`` values: ``["diverse_mode=per_rater"]`` -> ``{"diverse_mode": "per_rater"}`` (YAML values)."""
+    from proseg.engine.config import parse_key_values
 
-    from proseg.errors import CommandError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CommandError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. diverse_mode=per_rater")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return parse_key_values(items, "--model-arg")
 
 
 def evaluate(

@@ -150,8 +150,8 @@ def evaluate_checkpoint(
         conventions=opts.conventions, estimator=opts.estimator, thresholds=opts.thresholds, seed=opts.seed,
         batch_size=opts.batch_size, keep=keep, rank=info.rank, world_size=info.world_size, progress=info.is_main)
     seconds = time.time() - t0
-    report = build_report(ckpt_dir, opts, loaded, records, skipped=skipped, seconds=seconds, info=info)
-    report["model_args"] = dict(model_args or {})
+    report = build_report(ckpt_dir, opts, loaded, records, skipped=skipped, seconds=seconds, info=info,
+                          model_args=model_args)
     if info.is_main:
         write_outputs(opts, loaded, report, records, kept)
     barrier()
@@ -246,7 +246,8 @@ def _choose_modes(model: MultiRaterModel, modes: Sequence[str] | None, run_cfg: 
 
 
 def build_report(ckpt_dir: Path, opts: EvalOptions, loaded: EvalInputs, records: list[dict[str, Any]], *,
-                 skipped: int, seconds: float, info: DistInfo) -> dict[str, Any]:
+                 skipped: int, seconds: float, info: DistInfo,
+                 model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``metrics.json`` content: what was scored, how, and per mode and convention the aggregate."""
     results: dict[str, dict[str, Any]] = {}
     by_subset: dict[str, dict[str, dict[str, Any]]] = {}
@@ -263,6 +264,7 @@ def build_report(ckpt_dir: Path, opts: EvalOptions, loaded: EvalInputs, records:
         # what was evaluated: model.json's config as rebuilt (pinned defaults, legacy defaults, --model-arg), so
         # that evaluations of one setting compare equal in `proseg summarize` whatever model.json spelled out
         "model": getattr(loaded.model, "init_config", None) or meta.get("model"),
+        "model_args": dict(model_args or {}),
         "trained_steps": meta.get("step"),
         "dataset": str(loaded.store.path),
         "manifest_sha256": manifest_checksum(loaded.store.path),

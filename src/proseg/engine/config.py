@@ -321,6 +321,31 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def parse_yaml_value(text: str, item: str) -> Any:
+    """The value of a ``key=value`` string, read as YAML (``""`` for an empty value); ConfigError naming ``item``
+    when it is not valid YAML."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{item!r}: value is not valid YAML ({exc})") from exc
+
+
+def parse_key_values(items: list[str] | tuple[str, ...], what: str = "argument",
+                     example: str = "diverse_mode=per_rater") -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: v}`` with YAML values (model arguments given on a command line).
+
+    Raises:
+        ConfigError: an item without ``=`` or without a key, or a value that is not valid YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r}: expected KEY=VALUE, e.g. {example}")
+        out[key.strip()] = parse_yaml_value(text, f"{what} {item}")
+    return out
+
+
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Apply ``section.key=value`` strings in order (value parsed as YAML). Returns ``cfg`` (modified)."""
     for item in overrides:
@@ -331,10 +356,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         parts = key.split(".")
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.epochs=5)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        value = parse_yaml_value(text, f"override {item}")
         section, rest = parts[0], parts[1:]
         if section not in SECTIONS:
             raise ConfigError(f"unknown config key {key!r}; sections: {', '.join(SECTIONS)}")

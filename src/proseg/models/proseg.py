@@ -687,9 +687,14 @@ class ProSeg(MultiRaterModel):
         return std if self.z_temperature == 1.0 else std.mul_(self.z_temperature)
 
     @staticmethod
-    def _sample_z(mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One draw ``Z = mu + exp(logvar / 2) * eps`` per element (any shape)."""
-        return torch.addcmul(mu, torch.exp(0.5 * logvar), noise("normal", mu.shape, generator, mu))
+    def _draw_z(mu: Tensor, std: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One draw ``Z = mu + std * eps`` per element (any shape)."""
+        return torch.addcmul(mu, std, noise("normal", mu.shape, generator, mu))
+
+    @classmethod
+    def _sample_z(cls, mu: Tensor, logvar: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One draw ``Z = mu + exp(logvar / 2) * eps`` per element (any shape): the posterior itself (training)."""
+        return cls._draw_z(mu, torch.exp(0.5 * logvar), generator)
 
     def _decode_image(self, z: Tensor, raters: Tensor | None) -> Tensor:
         """p(x|Z): ``z`` ``(B, S, H, W, Zc)`` channels-last through each pair's remap head (``raters`` ``(B, S)``, or
@@ -931,6 +936,6 @@ class ProSeg(MultiRaterModel):
             taus = taus.expand(B, T, self.tau_dim)
             bidx = torch.arange(B, device=mu.device)[:, None]
             m, lv = mu[bidx, rat], logvar[bidx, rat]  # (B, T, H, W, Zc)
-            z = torch.addcmul(m, self._sample_std(lv), noise("normal", m.shape, generator, m))
+            z = self._draw_z(m, self._sample_std(lv), generator)
             return torch.sigmoid(self._logits(z, taus, images.shape[-2:]))
 
