@@ -242,6 +242,27 @@ def test_diverse_per_rater_splits_samples_evenly_over_raters() -> None:
         torch.testing.assert_close(div[:, k], per[:, r])
 
 
+@pytest.mark.parametrize("mode", ["personalized", "per_rater", "prior_classifier"])
+def test_sample_draws_do_not_depend_on_the_chunking(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Z is drawn sample-major, so the chunk budget (a speed knob) never changes the samples."""
+    model = create_model("proseg", in_channels=1, num_raters=3,
+                         diverse_mode="prior_classifier" if mode == "personalized" else mode).eval()
+    x = torch.randn(2, 1, 24, 24)
+    chunks = ProSeg._chunks
+
+    def draw(budget: int) -> torch.Tensor:
+        monkeypatch.setattr(ProSeg, "_chunks", staticmethod(lambda K, t, budget=budget: chunks(K, t, budget)))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            if mode == "personalized":
+                return model.sample_personalized(x, 5, g)
+            return model.sample_diverse(x, 7, g)
+
+    one, all_at_once = draw(1), draw(1 << 30)
+    assert len(chunks(7, torch.empty(2, 3, 12, 12, 16), 1)) == 7  # budget 1 really is one sample a chunk
+    torch.testing.assert_close(one, all_at_once, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("diverse_rater", ["argmax", "sample"])
 def test_diverse_prior_classifier_uses_the_classifier_rater(diverse_rater: str) -> None:
     model = _rater_coded(tiny(num_raters=3, diverse_mode="prior_classifier", diverse_rater=diverse_rater))

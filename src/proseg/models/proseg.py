@@ -585,7 +585,9 @@ class ProSeg(MultiRaterModel):
     def _features(self, images: Tensor) -> Tensor:
         with record_function("proseg.backbone"):
             images = self._fold(images)
-            if self.channels_last:
+            # channels-last also whenever no graph is recorded (sampling): oneDNN's inference convolutions are
+            # 1.2-1.3x faster on it at these widths, and without a backward nothing pays for the layout change
+            if self.channels_last or not torch.is_grad_enabled():
                 images = images.contiguous(memory_format=torch.channels_last)
             return self.backbone(images)
 
@@ -755,16 +757,19 @@ class ProSeg(MultiRaterModel):
         out = mu.new_empty(B, R, K, H, W)
         for k0, k1 in self._chunks(K, mu):
             with record_function("proseg.sample.z"):
-                z = noise("normal", (B, R, k1 - k0, *mu.shape[3:]), generator, mu)
+                # drawn sample-major, so the draws do not depend on the chunking (torch's normal stream splits
+                # exactly at multiples of 16 numbers)
+                z = noise("normal", (k1 - k0, B, R, *mu.shape[3:]), generator, mu).permute(1, 2, 0, 3, 4, 5)
                 z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
             with record_function("proseg.sample.seg_head"):
                 out[:, :, k0:k1] = torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)))
         return out
 
     @staticmethod
-    def _chunks(K: int, per_sample: Tensor, budget: int = 1 << 21) -> list[tuple[int, int]]:
-        """Split K samples into runs whose Z holds at most ``budget`` elements (keeps the head's intermediates in
-        cache and the peak memory flat in K); ``per_sample`` is one sample's Z (any shape)."""
+    def _chunks(K: int, per_sample: Tensor, budget: int = 1 << 18) -> list[tuple[int, int]]:
+        """Split K samples into runs whose Z holds at most ``budget`` elements (1 MiB of fp32: keeps the head's
+        intermediates in the L2 cache, 1.1-1.25x faster than 8 MiB runs for 52 samples of a 128² image, and the
+        peak memory flat in K); ``per_sample`` is one sample's Z (any shape)."""
         step = max(1, budget // max(1, per_sample.numel()))
         return [(k, min(K, k + step)) for k in range(0, K, step)]
 
@@ -794,6 +799,8 @@ class ProSeg(MultiRaterModel):
             with record_function("proseg.sample.tau"):
                 tau = self._prior_tau((lead, R, per), generator, mu)
             out = self._per_rater_samples(mu, logvar, tau, generator, size).reshape(B, R * per, *size)
+            if K == R * per:  # every rater got ceil(K/R): nothing to drop
+                return out
             counts = K // R + (torch.arange(R, device=mu.device) < K % R).long()  # (R,)
             keep = (torch.arange(per, device=mu.device)[None, :] < counts[:, None]).reshape(-1).nonzero()[:, 0]
             return out.index_select(1, keep)
@@ -814,7 +821,7 @@ class ProSeg(MultiRaterModel):
         for k0, k1 in self._chunks(K, mu[:, 0]):
             with record_function("proseg.sample.z"):
                 sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
-                z = noise("normal", (B, k1 - k0, *mu.shape[2:]), generator, mu)
+                z = noise("normal", (k1 - k0, B, *mu.shape[2:]), generator, mu).transpose(0, 1)  # sample-major
                 z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
                 out[:, k0:k1] = torch.sigmoid(self._logits(z, tau[:, k0:k1], size))
