@@ -11,7 +11,9 @@ from proseg.models._utils import (
     check_rater_sampling,
     l2_norm_sum,
     noise,
+    normal_from_seeds,
     pick_present_rater,
+    sample_seeds,
     training_pairs,
 )
 
@@ -31,6 +33,27 @@ def test_noise_is_drawn_in_the_dtype_of_like_on_the_generators_device(kind: str,
     assert torch.equal(got, fn((5,), dtype=draw_dtype))
     with pytest.raises(ValueError, match="noise kind"):
         noise("gamma", (1,), None, like)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_from_seeds_draws_each_sample_from_its_own_seed(dtype: torch.dtype) -> None:
+    like = torch.zeros(1, dtype=dtype)
+    seeds = sample_seeds(5, torch.Generator().manual_seed(1), like)
+    assert seeds == sample_seeds(5, torch.Generator().manual_seed(1), like) and len(set(seeds)) == 5
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = normal_from_seeds(seeds, (3, 7), like)  # parallel
+        torch.set_num_threads(1)
+        assert torch.equal(got, normal_from_seeds(seeds, (3, 7), like))  # serial: the same numbers
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (5, 3, 7) and got.dtype == dtype
+    for i, s in enumerate(seeds):  # sample i is torch's normal stream of seed i
+        assert torch.equal(got[i], torch.randn(3, 7, generator=torch.Generator().manual_seed(s), dtype=dtype))
+    assert torch.equal(normal_from_seeds(seeds[2:4], (3, 7), like), got[2:4])  # a slice of the seeds: those samples
+    with torch.inference_mode():  # the pool's threads follow the caller's inference mode
+        assert torch.equal(normal_from_seeds(seeds, (3, 7), like), got)
 
 
 @pytest.mark.parametrize("method", RATER_PICKS)

@@ -263,6 +263,23 @@ def test_sample_draws_do_not_depend_on_the_chunking(mode: str, monkeypatch: pyte
     torch.testing.assert_close(one, all_at_once, rtol=0, atol=0)
 
 
+def test_sample_draws_do_not_depend_on_the_thread_count() -> None:
+    """Each sample's Z comes from its own seed; with several threads the draws run in parallel, same numbers."""
+    model = create_model("proseg", in_channels=1, num_raters=3).eval()
+    x = torch.randn(1, 1, 32, 32)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                outs.append(model.sample_diverse(x, 9, torch.Generator().manual_seed(5)))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], outs[1])
+    assert outs[0].std(dim=1).mean() > 0  # the samples do differ
+
+
 @pytest.mark.parametrize("diverse_rater", ["argmax", "sample"])
 def test_diverse_prior_classifier_uses_the_classifier_rater(diverse_rater: str) -> None:
     model = _rater_coded(tiny(num_raters=3, diverse_mode="prior_classifier", diverse_rater=diverse_rater))

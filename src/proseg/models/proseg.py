@@ -39,7 +39,14 @@ from proseg.losses import (
     segmentation_loss,
     weighted_mean,
 )
-from proseg.models._utils import check_rater_sampling, l2_norm_sum, noise, training_pairs
+from proseg.models._utils import (
+    check_rater_sampling,
+    l2_norm_sum,
+    noise,
+    normal_from_seeds,
+    sample_seeds,
+    training_pairs,
+)
 from proseg.models.backbones import create_backbone
 from proseg.models.base import Batch, MultiRaterModel, eval_mode
 from proseg.models.registry import register_model
@@ -755,15 +762,27 @@ class ProSeg(MultiRaterModel):
         mu = mu[:, :, None]
         tau = tau.expand(B, R, K, self.tau_dim)
         out = mu.new_empty(B, R, K, H, W)
-        for k0, k1 in self._chunks(K, mu):
+        for k0, k1, eps in self._noise_blocks(K, mu[:, :, 0], generator):
             with record_function("proseg.sample.z"):
-                # drawn sample-major, so the draws do not depend on the chunking (torch's normal stream splits
-                # exactly at multiples of 16 numbers)
-                z = noise("normal", (k1 - k0, B, R, *mu.shape[3:]), generator, mu).permute(1, 2, 0, 3, 4, 5)
-                z = z.mul_(std).add_(mu)  # (B, R, k, H, W, Zc), in place: the noise buffer becomes Z
+                z = eps.permute(1, 2, 0, 3, 4, 5).mul_(std).add_(mu)  # (B, R, k, h, w, Zc), in place
             with record_function("proseg.sample.seg_head"):
                 out[:, :, k0:k1] = torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)))
         return out
+
+    def _noise_blocks(self, K: int, per_sample: Tensor, generator: torch.Generator | None):
+        """Yield ``(k0, k1, eps)`` over K samples in L2-sized runs (:meth:`_chunks`), ``eps``
+        ``(k1 - k0, *per_sample.shape)`` standard normals. Sample k is drawn from its own seed
+        (:func:`normal_from_seeds`), so the samples never depend on the chunking or the thread count; with more
+        than one CPU thread the draws of up to 8 MiB of samples at a time run in parallel."""
+        with record_function("proseg.sample.z"):
+            seeds = sample_seeds(K, generator, per_sample)
+        device = generator.device if generator is not None else per_sample.device
+        parallel = device.type == "cpu" and torch.get_num_threads() > 1  # else draw each run where it is used
+        for b0, b1 in self._chunks(K, per_sample, budget=1 << 21 if parallel else 1 << 18):
+            with record_function("proseg.sample.z"):
+                eps = normal_from_seeds(seeds[b0:b1], per_sample.shape, per_sample, device)
+            for k0, k1 in self._chunks(b1 - b0, per_sample):
+                yield b0 + k0, b0 + k1, eps[k0:k1]
 
     @staticmethod
     def _chunks(K: int, per_sample: Tensor, budget: int = 1 << 18) -> list[tuple[int, int]]:
@@ -818,11 +837,10 @@ class ProSeg(MultiRaterModel):
         std_mu = torch.cat([self._sample_std(logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
         bidx = torch.arange(B, device=mu.device)[:, None]
         out = mu.new_empty(B, K, *size)
-        for k0, k1 in self._chunks(K, mu[:, 0]):
+        for k0, k1, eps in self._noise_blocks(K, mu[:, 0], generator):
             with record_function("proseg.sample.z"):
                 sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
-                z = noise("normal", (k1 - k0, B, *mu.shape[2:]), generator, mu).transpose(0, 1)  # sample-major
-                z = z.mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
+                z = eps.transpose(0, 1).mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
                 out[:, k0:k1] = torch.sigmoid(self._logits(z, tau[:, k0:k1], size))
         return out
