@@ -242,10 +242,12 @@ def test_diverse_per_rater_splits_samples_evenly_over_raters() -> None:
         torch.testing.assert_close(div[:, k], per[:, r])
 
 
+@pytest.mark.parametrize("noise_scale", [1, 2])
 @pytest.mark.parametrize("mode", ["personalized", "per_rater", "prior_classifier"])
-def test_sample_draws_do_not_depend_on_the_chunking(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Z is drawn sample-major, so the chunk budget (a speed knob) never changes the samples."""
-    model = create_model("proseg", in_channels=1, num_raters=3,
+def test_sample_draws_do_not_depend_on_the_chunking(mode: str, noise_scale: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each sample's Z has its own seed, so the chunk budget (a speed knob) never changes the samples."""
+    model = create_model("proseg", in_channels=1, num_raters=3, z_noise_scale=noise_scale,
                          diverse_mode="prior_classifier" if mode == "personalized" else mode).eval()
     x = torch.randn(2, 1, 24, 24)
     chunks = ProSeg._chunks
@@ -259,7 +261,7 @@ def test_sample_draws_do_not_depend_on_the_chunking(mode: str, monkeypatch: pyte
             return model.sample_diverse(x, 7, g)
 
     one, all_at_once = draw(1), draw(1 << 30)
-    assert len(chunks(7, torch.empty(2, 3, 12, 12, 16), 1)) == 7  # budget 1 really is one sample a chunk
+    assert len(chunks(7, 2 * 3 * 12 * 12 * 16, 1)) == 7  # budget 1 really is one sample a chunk
     torch.testing.assert_close(one, all_at_once, rtol=0, atol=0)
 
 
@@ -431,3 +433,34 @@ def test_a_checkpoint_of_the_former_default_still_loads(tmp_path) -> None:
     x = torch.randn(1, 1, H, W)
     torch.testing.assert_close(back.sample_diverse(x, 3, torch.Generator().manual_seed(0)),
                                old.sample_diverse(x, 3, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_z_noise_scale_shares_each_draw_over_a_block_and_keeps_the_marginal(size: tuple[int, int]) -> None:
+    model = create_model("proseg", in_channels=1, num_raters=2, z_noise_scale=2)
+    h, w = size
+    mu, std = torch.zeros(4000, h, w, 3), torch.ones(4000, h, w, 3)
+    z = model._draw_z(mu, std, torch.Generator().manual_seed(0))
+    assert z.shape == (4000, h, w, 3)
+    blocks = z[:, : h - h % 2, : w - w % 2].reshape(4000, h // 2, 2, w // 2, 2, 3)
+    assert torch.equal(blocks[:, :, 0, :, 0], blocks[:, :, 1, :, 1])  # one draw per 2x2 block
+    assert torch.equal(blocks[:, :, 0, :, 0], blocks[:, :, 0, :, 1])
+    assert not torch.equal(z[:, 0, 0], z[:, 0, 2])  # neighbouring blocks differ
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.var()) - 1.0) < 0.03  # every pixel still N(mu, std^2)
+    with pytest.raises(ValueError, match="z_noise_scale"):
+        create_model("proseg", in_channels=1, num_raters=2, z_noise_scale=0)
+
+
+def test_z_noise_scale_trains_and_samples_with_fewer_normals() -> None:
+    model = create_model("proseg", in_channels=1, num_raters=3, z_noise_scale=2)
+    batch = {"image": torch.randn(2, 1, 20, 20), "masks": (torch.rand(2, 3, 20, 20) > 0.5).float(),
+             "present": torch.ones(2, 3, dtype=torch.bool)}
+    out = model.loss(batch, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    model.eval()
+    with torch.no_grad():
+        d = model.sample_diverse(batch["image"], 4, torch.Generator().manual_seed(1))
+        p = model.sample_personalized(batch["image"], 2, torch.Generator().manual_seed(1))
+    assert d.shape == (2, 4, 20, 20) and p.shape == (2, 3, 2, 20, 20)
+    assert model._noise_shape((1, 10, 10, 16)) == (1, 5, 5, 16)
