@@ -122,3 +122,38 @@ def test_sampling_shapes_determinism_shared_latent_and_errors() -> None:
         create_model("phiseg", preset="tiny", backbone="resnet34_unet")
     with pytest.raises(ValueError, match="latent_levels"):
         create_model("phiseg", preset="tiny", latent_levels=3)
+
+
+def test_inference_sampling_folds_batchnorm_without_changing_the_samples() -> None:
+    """Without gradients in eval mode PHiSeg samples through a BatchNorm-folded, channels-last copy in runs of
+    samples; the numbers are those of the plain network (with BatchNorm's running statistics)."""
+    model = create_model("phiseg", in_channels=1, num_raters=2, preset="tiny", **SMALL)
+    model.train()
+    for _ in range(3):  # running statistics away from the (0, 1) initialisation
+        model.loss(_batch(r=2, seed=4), torch.Generator().manual_seed(0))
+    for m in model.modules():  # and non-trivial affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    img = torch.randn(2, 1, H, W)
+    with torch.no_grad():
+        fast = model.sample_diverse(img, 5, torch.Generator().manual_seed(1))
+    with torch.enable_grad():  # the plain path: gradients on
+        plain = model.sample_diverse(img, 5, torch.Generator().manual_seed(1)).detach()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
+    big = 128 * 128 * 10 // (2 * H * W) + 3  # more samples than one run holds: the runs see the same draws
+    with torch.no_grad():
+        many = model.sample_diverse(img, big, torch.Generator().manual_seed(1))
+        # all samples in one pass, by hand: the draws in the same order, every level's at once
+        g = torch.Generator().manual_seed(1)
+        pyr = model.prior.encode(img)
+        d = len(model.widths) - model.latent_levels
+        eps = [img] * model.latent_levels
+        for i in reversed(range(model.latent_levels)):
+            eps[i] = torch.randn(2, big, model.zdim, *pyr[i + d].shape[-2:], generator=g).flatten(0, 1)
+        z, _, _ = model.prior(pyr, big, eps=eps)
+        logits = model._accumulate(model.likelihood(z, [f.shape[-2:] for f in pyr]))[0]
+    torch.testing.assert_close(many, torch.sigmoid(logits).reshape(2, big, H, W), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,6 @@
 """Pieces every model uses, written once: generator-driven noise (and its per-sample parallel form), the
-(image, rater) pairs a training step uses, the L2 sum of a head's weights, and the check of the shared
-``rater_sampling`` option.
+(image, rater) pairs a training step uses, the L2 sum of a head's weights, the check of the shared
+``rater_sampling`` option, and the folded inference copy of a convolutional network.
 
 Randomness rule (every draw of every model): the numbers are drawn **on the generator's device** (the input's when
 the generator is None, i.e. from the global RNG of that device) **in the dtype of the tensor they go with** (``like``;
@@ -10,13 +10,15 @@ generator gives the same numbers whatever device the model runs on, and equally 
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 RATER_SAMPLING = ("one", "all")
 #: how :func:`pick_present_rater` draws: ``multinomial`` (ProSeg, Pionono, CM) or ``argmax`` of uniforms (Prob. U-Net,
@@ -168,3 +170,24 @@ def check_rater_sampling(mode: str) -> str:
     if mode not in RATER_SAMPLING:
         raise ValueError(f"rater_sampling must be 'one' or 'all', got {mode!r}")
     return mode
+
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` that computes the same function faster, for sampling without gradients.
+
+    Every ``BatchNorm2d`` (with running statistics) that directly follows a ``Conv2d`` inside an ``nn.Sequential``
+    is folded into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``: equal up to float rounding, about
+    1e-7), and the 4D weights are channels-last (oneDNN's faster inference layout at these widths; feed it
+    channels-last inputs). The original module is untouched; the copy shares nothing with it, so build it after
+    the weights have changed (it costs one copy of the weights)."""
+    out = copy.deepcopy(module).eval()
+    for seq in out.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    return out.to(memory_format=torch.channels_last)
