@@ -82,9 +82,6 @@ def _train(overrides: list[str], config: Path | None, data: Path | None, out: Pa
         score = summary["best_score"]
         note = f" (val {cfg.train.val_metric} {score:.4f} at step {summary['best_step']})" if score is not None else ""
         typer.echo(f"trained {summary['steps']} steps in {summary['elapsed_s']:.1f} s; best checkpoint: {best}{note}")
-    # Free the DDP reducer while the process group is still registered: freed after destroy_process_group, its
-    # gloo group is torn down from the main thread (GIL held) while a gloo worker thread still needs the GIL to
-    # release a finished buffer broadcast -- a deadlock seen once in CI (rank 1 stuck in ~ProcessGroupGloo).
-    del trainer
+    del trainer  # Trainer.fit already released its DDP wrapper (the gloo teardown deadlock, see Trainer.fit)
     gc.collect()
     cleanup_distributed()

@@ -36,6 +36,7 @@ Extension points (override in a subclass, like nnU-Net's trainer variants; build
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -131,7 +132,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the schedule scales each group's base_lr
             group.setdefault("base_lr", group["lr"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.net = self._wrap(_LossModule(self.model))
+        self.net: nn.Module | None = self._wrap(_LossModule(self.model))
         self.sampler = GlobalBatchSampler(self.data.train, cfg.train.batch_size, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, seed=cfg.train.seed, shuffle=True)
         self.steps_per_epoch = self.sampler.batches_per_epoch
@@ -406,6 +407,8 @@ class Trainer:
     def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """One optimizer step on this rank's part of a global batch. Returns the (local) loss terms."""
         batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        if self.net is None:  # a step after fit released its DDP wrapper
+            self.net = self._wrap(_LossModule(self.model))
         with self._autocast():
             out = self.net(batch)
         loss = out["loss"]
@@ -627,6 +630,12 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.dist.enabled:
+                # Free the DDP reducer while the process group still exists: freed after destroy_process_group,
+                # its gloo group is torn down from the main thread (GIL held) while a gloo worker thread still
+                # needs the GIL to release a finished buffer broadcast -- a deadlock seen once in CI.
+                self.net = None
+                gc.collect()
         return {"steps": self.step, "total_steps": self.total_steps, "best_score": self.best_score,
                 "best_step": self.best_step, "elapsed_s": self.elapsed, "skipped_steps": self.skipped_steps,
                 "stopped_by_budget": stop, "last": last, "run_dir": str(self.run_dir)}

@@ -585,13 +585,12 @@ class ProSeg(MultiRaterModel):
         if s == 1:
             return t
         *lead, h, w, _ = t.shape
-        coarse = None
         if self.scale_head == "smooth":
-            coarse, t = t[..., 0], t[..., 1:]
+            up = F.interpolate(t[..., 0].reshape(-1, 1, h, w), scale_factor=s, mode="bilinear", align_corners=False)
+            # the corrections' depth-to-space is read straight into the upsampled map (one pass, no copy)
+            t = up.view(*lead, h, s, w, s).add_(t[..., 1:].unflatten(-1, (s, s)).transpose(-3, -2))
+            return t.view(*lead, h * s, w * s)[..., : size[0], : size[1]]
         t = t.reshape(*lead, h, w, s, s).transpose(-3, -2).reshape(*lead, h * s, w * s)
-        if coarse is not None:
-            up = F.interpolate(coarse.reshape(-1, 1, h, w), scale_factor=s, mode="bilinear", align_corners=False)
-            t = t + up.reshape(*lead, h * s, w * s)
         return t[..., : size[0], : size[1]]
 
     def _logits(self, z: Tensor, tau: Tensor, size: tuple[int, int]) -> Tensor:
@@ -792,7 +791,7 @@ class ProSeg(MultiRaterModel):
                 eps = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w)
                 z = eps.mul_(std).add_(mu) if self.z_noise_scale == 1 else torch.addcmul(mu, std, eps)
             with record_function("proseg.sample.seg_head"):
-                out[:, :, k0:k1] = torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)))
+                torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)), out=out[:, :, k0:k1])
         return out
 
     def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor, generator: torch.Generator | None):
@@ -873,7 +872,7 @@ class ProSeg(MultiRaterModel):
                 z = (eps.mul_(sm[..., :zc]).add_(sm[..., zc:]) if self.z_noise_scale == 1
                      else torch.addcmul(sm[..., zc:], sm[..., :zc], eps))  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
-                out[:, k0:k1] = torch.sigmoid(self._logits(z, tau[:, k0:k1], size))
+                torch.sigmoid(self._logits(z, tau[:, k0:k1], size), out=out[:, k0:k1])
         return out
 
     # --- optimisation ---------------------------------------------------------------------------------------------
