@@ -116,7 +116,9 @@ def calibration_from_flat(
 def variances_from_flat(labels: torch.Tensor, preds_soft: torch.Tensor) -> PixelVariances:
     """Mean pixel variance of the soft predictions ``(..., M, P)`` and of the labels ``(..., N, P)`` -> ``(...)``."""
     freq = labels.to(torch.float64).mean(-2)
-    sample = preds_soft.to(torch.float64).var(-2, unbiased=False).mean(-1)
+    p = preds_soft.to(torch.float64)
+    # population variance over M, centred explicitly: torch's var over a non-innermost dimension is ~6x slower
+    sample = (p - p.mean(-2, keepdim=True)).square_().mean((-2, -1))
     return PixelVariances(sample_variance=sample, rater_variance=(freq * (1.0 - freq)).mean(-1))
 
 
@@ -205,9 +207,11 @@ def ambiguity_share(samples: object) -> float:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"samples need at least one rater and one sample, got shape {tuple(x.shape)}")
     x = x.to(torch.float64)
-    total = x.flatten(0, 1).var(0, unbiased=False)  # (*S)
-    ambiguity = x.var(1, unbiased=False).mean(0)  # (*S)
-    total_sum = float(total.sum())
-    if total_sum <= _ZERO_VARIANCE * total.numel():
+    n = x.shape[0] * x.shape[1]
+    # sums over the pixels of total = Var_{r,k} and ambiguity = mean_r Var_k, centred explicitly (torch's var
+    # over the leading dimensions is ~5x slower; an evaluation calls this once per case)
+    total_sum = float((x - x.mean((0, 1), keepdim=True)).square_().sum()) / n
+    ambiguity_sum = float((x - x.mean(1, keepdim=True)).square_().sum()) / n
+    if total_sum <= _ZERO_VARIANCE * x[0, 0].numel():
         return float("nan")
-    return float(ambiguity.sum()) / total_sum
+    return ambiguity_sum / total_sum
