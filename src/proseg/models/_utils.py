@@ -46,7 +46,7 @@ def sample_seeds(num: int, generator: torch.Generator | None, like: Tensor) -> l
     return torch.randint(0, 2**62, (int(num),), generator=generator, device=device).tolist()
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool) of normal_from_seeds
 _POOL_LOCK = threading.Lock()
 
 
@@ -61,11 +61,11 @@ os.register_at_fork(after_in_child=_forget_pool)
 def _noise_pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != workers:
+        if _POOL is None or _POOL[0] != workers:
             if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="proseg-noise")
-        return _POOL
+                _POOL[1].shutdown(wait=False)
+            _POOL = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="proseg-noise"))
+        return _POOL[1]
 
 
 def normal_from_seeds(seeds: Sequence[int], shape: Sequence[int], like: Tensor,

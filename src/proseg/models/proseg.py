@@ -19,7 +19,7 @@ See ``docs/models.md`` for every place where the paper and the reference code di
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -794,7 +794,8 @@ class ProSeg(MultiRaterModel):
                 torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)), out=out[:, :, k0:k1])
         return out
 
-    def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor, generator: torch.Generator | None):
+    def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor,
+                      generator: torch.Generator | None) -> Iterator[tuple[int, int, Tensor]]:
         """Yield ``(k0, k1, eps)`` over K samples in runs whose Z (one sample: ``zshape`` ``(..., h, w, Zc)``) is
         L2-sized (:meth:`_chunks`); ``eps`` ``(k1 - k0, *noise_shape)`` standard normals in ``like``'s dtype and
         device (:meth:`_noise_shape`: at ``z_noise_scale``). Sample k is drawn from its own seed
