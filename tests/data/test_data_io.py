@@ -191,3 +191,23 @@ def test_safe_pickle_refuses_eval_getattr_and_object_arrays(tmp_path: Path) -> N
     (tmp_path / "t.pkl").write_bytes(raw[:50])
     with pytest.raises(DataError, match=r"t\.pkl: unreadable or truncated pickle"):
         safe_load_pickle(tmp_path / "t.pkl")
+
+
+def test_safe_pickle_refuses_bytes_of_a_size_but_loads_real_bytes(tmp_path: Path) -> None:
+    """``bytes(N)`` from a tiny file would allocate N bytes (a denial of service); real bytes still load."""
+    class Huge:
+        def __reduce__(self):
+            return (bytes, (10**12,))
+
+    class HugeArray:
+        def __reduce__(self):
+            return (bytearray, (10**12,))
+
+    for evil in (Huge(), HugeArray()):
+        (tmp_path / "b.pkl").write_bytes(pickle.dumps({"x": evil}, protocol=2))
+        with pytest.raises(DataError, match=r"b\.pkl: refused (bytes|bytearray)\(1000000000000\)"):
+            safe_load_pickle(tmp_path / "b.pkl")
+    for proto in (0, 2, 4, 5):
+        (tmp_path / "ok.pkl").write_bytes(pickle.dumps({"b": b"\x00\xffab", "e": b"", "ba": bytearray(b"xy")},
+                                                       protocol=proto))
+        assert safe_load_pickle(tmp_path / "ok.pkl") == {"b": b"\x00\xffab", "e": b"", "ba": bytearray(b"xy")}

@@ -45,11 +45,27 @@ for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
     _ALLOWED[(_mod, "_frombuffer")] = _frombuffer
 _ALLOWED[("numpy", "ndarray")] = np.ndarray
 _ALLOWED[("numpy", "dtype")] = np.dtype
+class _RefusedSize(pickle.UnpicklingError):
+    pass
+
+
+def _sized_from_data(kind: type) -> Any:
+    """``bytes``/``bytearray`` for REDUCE, except from a bare count: ``bytes(10**11)`` in a 40-byte pickle would
+    allocate 100 GB (a denial of service). No data pickle needs it: bytes come as opcodes or ``_codecs.encode``."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], int):
+            raise _RefusedSize(f"refused {kind.__name__}({args[0]}): a size given by the file instead of its data")
+        return kind(*args, **kwargs)
+
+    return make
+
+
 for _mod in ("builtins", "__builtin__"):
     for _name, _obj in (
         ("dict", dict), ("list", list), ("tuple", tuple), ("set", set), ("frozenset", frozenset),
-        ("bytearray", bytearray), ("bytes", bytes), ("str", str), ("int", int), ("float", float),
-        ("complex", complex), ("bool", bool),
+        ("bytearray", _sized_from_data(bytearray)), ("bytes", _sized_from_data(bytes)), ("str", str),
+        ("int", int), ("float", float), ("complex", complex), ("bool", bool),
     ):
         _ALLOWED[(_mod, _name)] = _obj
 _ALLOWED[("collections", "OrderedDict")] = collections.OrderedDict
@@ -126,6 +142,8 @@ def safe_load_pickle(path: str | Path) -> Any:
             obj = SafeUnpickler(f, p, encoding="latin1").load()
     except DataError:
         raise
+    except _RefusedSize as exc:
+        raise DataError(f"{p}: {exc} in a data pickle (the file may be malicious or not a dataset pickle)") from exc
     except Exception as exc:  # UnpicklingError, EOFError (truncated), ValueError ...
         raise DataError(f"{p}: unreadable or truncated pickle ({type(exc).__name__}: {exc})") from exc
     _reject_object_arrays(obj, str(p))
