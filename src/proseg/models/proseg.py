@@ -217,6 +217,15 @@ class RaterConvStack(nn.Module):
         return x.reshape(B, S, self.out_channels, H, W)
 
 
+def _sigmoid_into(dst: Tensor, logits: Tensor) -> None:
+    """``dst[...] = sigmoid(logits)``: written in place without a temporary, unless a graph is recorded (``out=`` has
+    no gradient; ``sample_*(grad=True)``)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        dst[...] = torch.sigmoid(logits)
+    else:
+        torch.sigmoid(logits, out=dst)
+
+
 def _rows(t: Tensor, rows: Sequence[int]) -> Tensor:
     """``t[rows]``: a plain slice (a view, contiguous) for a run ``0..n-1``, else an index_select."""
     rows = [int(r) for r in rows]
@@ -791,7 +800,7 @@ class ProSeg(MultiRaterModel):
                 eps = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w)
                 z = eps.mul_(std).add_(mu) if self.z_noise_scale == 1 else torch.addcmul(mu, std, eps)
             with record_function("proseg.sample.seg_head"):
-                torch.sigmoid(self._logits(z, tau[:, :, k0:k1], (H, W)), out=out[:, :, k0:k1])
+                _sigmoid_into(out[:, :, k0:k1], self._logits(z, tau[:, :, k0:k1], (H, W)))
         return out
 
     def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor,
@@ -873,7 +882,7 @@ class ProSeg(MultiRaterModel):
                 z = (eps.mul_(sm[..., :zc]).add_(sm[..., zc:]) if self.z_noise_scale == 1
                      else torch.addcmul(sm[..., zc:], sm[..., :zc], eps))  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
-                torch.sigmoid(self._logits(z, tau[:, k0:k1], size), out=out[:, k0:k1])
+                _sigmoid_into(out[:, k0:k1], self._logits(z, tau[:, k0:k1], size))
         return out
 
     # --- optimisation ---------------------------------------------------------------------------------------------
