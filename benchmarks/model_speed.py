@@ -34,7 +34,10 @@ running ``bench_ref.py --steps 1`` under ``FlopCounterMode`` in its venv (warm-u
 the reference venv's plain smp ResNet-34 U-Net beside our ``backbone:resnet34_unet`` (a machine check).
 
 The row ``backbone:resnet34_unet`` is a calibration point: a plain smp-style ResNet-34 U-Net with a 3x3 head
-and BCE (the issue's "plain ResNet-34 U-Net step"), so times can be compared across machines as ratios.
+and BCE (the issue's "plain ResNet-34 U-Net step"), so times can be compared across machines as ratios. With it and
+``proseg:reference`` in one run, a last line prints the preset's step over two such U-Nets (its compute floor:
+the backbone and the reconstruction decoder are each one); FlopCounterMode over-counts the preset's grouped
+convolutions' backward, so its GFLOP ratio is an upper bound.
 
 The machine is shared: check ``uptime`` and report the load next to the numbers.
 """
@@ -289,6 +292,20 @@ def ratio_table(pairs: list[tuple[dict[str, Any], dict[str, Any]]], B: int) -> s
     return "\n".join(lines)
 
 
+def floor_line(rows: list[dict[str, Any]], B: int) -> str | None:
+    """``proseg:reference``'s step against two plain ResNet-34 U-Nets (its backbone and its reconstruction decoder),
+    the issue's compute floor, when both rows were timed; by FLOPs too where counted."""
+    key = f"step_fp32_b{B}"
+    ref = next((r for r in rows if r.get("model") == "proseg:reference" and r.get(key)), None)
+    unet = next((r for r in rows if r.get("model") == "backbone:resnet34_unet" and r.get(key)), None)
+    if ref is None or unet is None:
+        return None
+    line = f"# proseg:reference step / (2 x plain ResNet-34 U-Net step) at B={B}: {ref[key] / (2 * unet[key]):.2f}"
+    if ref.get("gflop_step") and unet.get("gflop_step"):
+        line += f" (GFLOP: {ref['gflop_step'] / (2 * unet['gflop_step']):.2f}, counted; see the docstring's caveat)"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=None,
@@ -386,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(ratio_table(pairs, max(args.batch_sizes)))
         if any("error" in r for r in ref_rows):
             print("# reference runs failed: " + "; ".join(r["error"] for r in ref_rows if "error" in r))
+    floor = floor_line(rows, max(args.batch_sizes))
+    if floor:
+        print(floor)
     from components import components_table
 
     if any(r.get("components") for r in rows):
