@@ -424,12 +424,13 @@ def test_a_checkpoint_of_the_former_default_still_loads(tmp_path) -> None:
     save_model(old, tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
     assert meta["model"]["scale"] == 1  # new files pin the resolution (config_updates)
-    for key in ("scale", "scale_head", "diverse_mode"):
+    assert meta["model"]["z_noise_scale"] == 1
+    for key in ("scale", "scale_head", "diverse_mode", "z_noise_scale"):
         del meta["model"][key]  # what an old file looks like
     (tmp_path / "ckpt" / "model.json").write_text(json.dumps(meta))
     with pytest.warns(ProsegWarning, match="former defaults"):
         back = load_model(tmp_path / "ckpt")
-    assert back.scale == 1 and back.diverse_mode == "prior_classifier"
+    assert back.scale == 1 and back.diverse_mode == "prior_classifier" and back.z_noise_scale == 1
     x = torch.randn(1, 1, H, W)
     torch.testing.assert_close(back.sample_diverse(x, 3, torch.Generator().manual_seed(0)),
                                old.sample_diverse(x, 3, torch.Generator().manual_seed(0)))

@@ -924,9 +924,10 @@ class ProSeg(MultiRaterModel):
                 f"stat_heads.biases.{last}": b}
 
     def config_updates(self) -> dict[str, Any]:
-        """The resolution and the diverse mode are always written into ``model.json``, so that a later change of
-        the constructor's defaults cannot rebuild a saved model differently."""
-        return {"scale": self.scale, "scale_head": self.scale_head, "diverse_mode": self.diverse_mode}
+        """The resolution, Z's noise resolution and the diverse mode are always written into ``model.json``, so that
+        a later change of the constructor's defaults cannot rebuild a saved model differently."""
+        return {"scale": self.scale, "scale_head": self.scale_head, "diverse_mode": self.diverse_mode,
+                "z_noise_scale": self.z_noise_scale}
 
     def _after_add_rater(self) -> None:
         self.tau.classifier[-1].out_features = self.num_raters
