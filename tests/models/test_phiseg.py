@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from proseg.models import NotSupportedError, create_model
+from proseg.models._utils import cached_inference_copy
 from proseg.models.phiseg import PHiSeg
 
 H = W = 16
@@ -157,3 +158,15 @@ def test_inference_sampling_folds_batchnorm_without_changing_the_samples() -> No
         z, _, _ = model.prior(pyr, big, eps=eps)
         logits = model._accumulate(model.likelihood(z, [f.shape[-2:] for f in pyr]))[0]
     torch.testing.assert_close(many, torch.sigmoid(logits).reshape(2, big, H, W), rtol=1e-4, atol=1e-5)
+    # the folded copy is made once per set of weights, and again when they change
+    first = cached_inference_copy(model.prior)
+    with torch.no_grad():
+        model.sample_diverse(img, 2, torch.Generator().manual_seed(1))
+        assert cached_inference_copy(model.prior) is first
+        next(model.likelihood.parameters()).add_(0.5)
+        moved = model.sample_diverse(img, 5, torch.Generator().manual_seed(1))
+    with torch.enable_grad():  # the plain path with the changed weights
+        plain_after = model.sample_diverse(img, 5, torch.Generator().manual_seed(1)).detach()
+    assert cached_inference_copy(model.prior) is first  # the prior's weights did not change
+    assert not torch.allclose(moved, fast)
+    torch.testing.assert_close(moved, plain_after, rtol=1e-4, atol=1e-5)

@@ -41,8 +41,6 @@ def train(
 def _train(overrides: list[str], config: Path | None, data: Path | None, out: Path | None, fold: int | None,
            resume: Path | None, force: bool = False) -> None:
     # Imported when the command runs (they load torch): `proseg --help` starts without them.
-    import gc
-
     from proseg.engine import checkpoint as ckpt
     from proseg.engine.config import apply_overrides, load_config
     from proseg.engine.distributed import cleanup_distributed
@@ -82,6 +80,4 @@ def _train(overrides: list[str], config: Path | None, data: Path | None, out: Pa
         score = summary["best_score"]
         note = f" (val {cfg.train.val_metric} {score:.4f} at step {summary['best_step']})" if score is not None else ""
         typer.echo(f"trained {summary['steps']} steps in {summary['elapsed_s']:.1f} s; best checkpoint: {best}{note}")
-    del trainer  # Trainer.fit already released its DDP wrapper (the gloo teardown deadlock, see Trainer.fit)
-    gc.collect()
     cleanup_distributed()

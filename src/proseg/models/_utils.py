@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -191,3 +193,18 @@ def inference_copy(module: nn.Module) -> nn.Module:
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     return out.to(memory_format=torch.channels_last)
+
+
+_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def cached_inference_copy(module: nn.Module) -> nn.Module:
+    """:func:`inference_copy` of ``module``, rebuilt only when one of its parameters or buffers changed (storage or
+    in-place version: an optimizer step, ``load_state_dict``, ``.to(device)``). An evaluation samples every case
+    through the same weights, so the copy (0.14 s for PHiSeg's 17.8 M parameters) is made once, not per case."""
+    key = tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    hit = _COPIES.get(module)
+    if hit is None or hit[0] != key:
+        hit = (key, inference_copy(module))
+        _COPIES[module] = hit
+    return hit[1]

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from proseg.losses import gaussian_kl, get_loss, segmentation_loss, weighted_mean
-from proseg.models._utils import check_rater_sampling, inference_copy, noise, training_pairs
+from proseg.models._utils import cached_inference_copy, check_rater_sampling, noise, training_pairs
 from proseg.models.backbones.unet import conv_block, down_path
 from proseg.models.base import Batch, MultiRaterModel
 from proseg.models.registry import register_model
@@ -332,7 +332,7 @@ class PHiSeg(MultiRaterModel):
         prior, likelihood = self.prior, self.likelihood
         if not self.training and not torch.is_grad_enabled():
             # BatchNorm folded into the convolutions and channels-last: the same function, 1.5x faster on CPU
-            prior, likelihood = inference_copy(self.prior), inference_copy(self.likelihood)
+            prior, likelihood = cached_inference_copy(self.prior), cached_inference_copy(self.likelihood)
             images = images.contiguous(memory_format=torch.channels_last)
         pyr = prior.encode(images)
         d = len(self.widths) - self.latent_levels

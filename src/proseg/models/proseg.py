@@ -797,8 +797,8 @@ class ProSeg(MultiRaterModel):
         h, w = mu.shape[3:5]
         for k0, k1, eps in self._noise_blocks(K, mu[:, :, 0].shape, mu, generator):
             with record_function("proseg.sample.z"):
-                eps = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w)
-                z = eps.mul_(std).add_(mu) if self.z_noise_scale == 1 else torch.addcmul(mu, std, eps)
+                # in place: the noise (or its fresh f x f spread) becomes Z
+                z = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w).mul_(std).add_(mu)
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into(out[:, :, k0:k1], self._logits(z, tau[:, :, k0:k1], (H, W)))
         return out
@@ -878,9 +878,7 @@ class ProSeg(MultiRaterModel):
         for k0, k1, eps in self._noise_blocks(K, mu[:, 0].shape, mu, generator):
             with record_function("proseg.sample.z"):
                 sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
-                eps = self._spread(eps.transpose(0, 1), h, w)
-                z = (eps.mul_(sm[..., :zc]).add_(sm[..., zc:]) if self.z_noise_scale == 1
-                     else torch.addcmul(sm[..., zc:], sm[..., :zc], eps))  # (B, k, H, W, Zc)
+                z = self._spread(eps.transpose(0, 1), h, w).mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into(out[:, k0:k1], self._logits(z, tau[:, k0:k1], size))
         return out
