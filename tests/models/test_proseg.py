@@ -465,3 +465,105 @@ def test_z_noise_scale_trains_and_samples_with_fewer_normals() -> None:
         p = model.sample_personalized(batch["image"], 2, torch.Generator().manual_seed(1))
     assert d.shape == (2, 4, 20, 20) and p.shape == (2, 3, 2, 20, 20)
     assert model._noise_shape((1, 10, 10, 16)) == (1, 5, 5, 16)
+
+
+# --- presence: whether a rater drew anything ----------------------------------------------------------------------
+def _presence_batch() -> dict:
+    g = torch.Generator().manual_seed(2)
+    masks = torch.zeros(3, 3, H, W)
+    masks[:, :, 4:10, 4:10] = 1.0
+    masks[0, 1] = 0.0  # image 0: rater 1 left it empty
+    masks[1, :2] = 0.0  # image 1: raters 0 and 1 left it empty
+    masks[2] = 0.0  # image 2: nobody drew
+    return {"image": torch.randn(3, 1, H, W, generator=g), "masks": masks,
+            "rater_present": torch.tensor([[True, True, True], [True, True, True], [True, False, True]])}
+
+
+def test_presence_loss_is_the_bce_of_every_present_rater_and_every_parameter_learns() -> None:
+    model = tiny(presence=True)
+    b = _presence_batch()
+    out = model.loss(b, torch.Generator().manual_seed(0))
+    drew = b["masks"].flatten(2).amax(-1) > 0
+    logits = model.presence_head(model._features(b["image"])).float()
+    bce = F.binary_cross_entropy_with_logits(logits, drew.float(), reduction="none")
+    expected = bce[b["rater_present"]].mean()  # the absent rater (image 2, rater 1) does not count
+    torch.testing.assert_close(out["presence"], expected)
+    out["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert "presence" not in tiny().loss(b, torch.Generator().manual_seed(0))
+
+
+def test_presence_trains_the_segmentation_path_only_on_masks_that_are_not_empty() -> None:
+    """With presence the pairs of empty masks weigh nothing in the segmentation, Z and reconstruction terms: the
+    same as declaring those raters absent (rater_sampling="all" uses every pair, so the draws line up)."""
+    model = tiny(presence=True, rater_sampling="all")
+    b = _presence_batch()
+    drew = b["masks"].flatten(2).amax(-1) > 0
+    out = model.loss(b, torch.Generator().manual_seed(0))
+    ref = model.loss({**b, "rater_present": b["rater_present"] & drew}, torch.Generator().manual_seed(0))
+    for key in ("seg", "kl_z", "kl_tau", "ce", "recon"):
+        torch.testing.assert_close(out[key], ref[key])
+    # "one": image 0 draws rater 0 or 2 (both drew), image 1 rater 2, image 2 nothing
+    one = tiny(presence=True)
+    batch_2 = {**b, "image": b["image"][1:2], "masks": b["masks"][1:2], "rater_present": b["rater_present"][1:2]}
+    only = {**batch_2, "rater_present": torch.tensor([[False, False, True]])}
+    for seed in range(8):
+        torch.testing.assert_close(one.loss(batch_2, torch.Generator().manual_seed(seed))["seg"],
+                                   one.loss(only, torch.Generator().manual_seed(seed))["seg"])
+
+
+def _set_presence(model: ProSeg, logits: list[float]) -> None:
+    with torch.no_grad():
+        model.presence_head.out.weight.zero_()
+        model.presence_head.out.bias.copy_(torch.tensor(logits))
+
+
+@pytest.mark.parametrize("mode", ["per_rater", "prior_classifier"])
+def test_presence_draws_empty_samples_at_the_predicted_rate(mode: str) -> None:
+    model = tiny(presence=True, diverse_mode=mode, z_logvar_init=-4.0).eval()
+    with torch.no_grad():  # a head that always draws a blob, so that only the gate can empty a sample
+        model.head.last.bias.fill_(20.0)
+    _set_presence(model, [30.0, -30.0, 0.0])  # pi = 1, 0, 1/2
+    x = torch.randn(2, 1, H, W)
+    p = model.sample_personalized(x, 400, torch.Generator().manual_seed(0))  # (B, R, K, H, W)
+    empty = p.flatten(3).amax(-1) == 0
+    assert bool((p.flatten(3).amax(-1)[~empty] > 0.5).all())  # a present sample is the head's own draw
+    assert not bool(empty[:, 0].any()) and bool(empty[:, 1].all())
+    assert abs(float(empty[:, 2].float().mean()) - 0.5) < 0.06
+    d = model.sample_diverse(x, 600, torch.Generator().manual_seed(1))
+    frac = float((d.flatten(2).amax(-1) == 0).float().mean())
+    if mode == "per_rater":  # 200 samples of each rater: 0 + 200 + ~100 empty
+        assert abs(frac - 0.5) < 0.05
+    else:  # the classifier's raters, emptied at their own rate
+        assert 0.0 <= frac <= 1.0
+        _set_presence(model, [-30.0, -30.0, -30.0])
+        assert float(model.sample_diverse(x, 5, torch.Generator().manual_seed(1)).abs().max()) == 0.0
+    # share_latent: one presence draw per sample for the whole batch
+    same = x[:1].expand(3, -1, -1, -1)
+    _set_presence(model, [0.0, 0.0, 0.0])
+    s = model.sample_personalized(same, 20, torch.Generator().manual_seed(2), share_latent=True)
+    e = s.flatten(3).amax(-1) == 0
+    assert torch.equal(e[0], e[1]) and torch.equal(e[0], e[2]) and 0 < int(e.sum()) < e.numel()
+    t = model.sample_tau(x, torch.ones(model.tau_dim), 50, torch.Generator().manual_seed(3), rater=1)  # pi 1/2
+    assert 0 < int((t.flatten(2).amax(-1) == 0).sum()) < 100
+
+
+def test_presence_is_saved_grows_with_new_raters_and_follows_a_rater_subset(tmp_path) -> None:
+    import json
+
+    from proseg.models import load_model, save_model
+
+    model = tiny(presence=True).eval()
+    save_model(model, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "model.json").read_text())["model"]["presence"] is True
+    back = load_model(tmp_path / "ckpt")
+    x = torch.randn(2, 1, H, W)
+    torch.testing.assert_close(back.sample_personalized(x, 3, torch.Generator().manual_seed(0)),
+                               model.sample_personalized(x, 3, torch.Generator().manual_seed(0)))
+    _set_presence(model, [30.0, -30.0, 30.0])
+    sub = model.sample_personalized(x, 4, torch.Generator().manual_seed(0), raters=[1, 2])
+    assert float(sub[:, 0].abs().max()) == 0.0 and bool((sub[:, 1].flatten(2).amax(-1) > 0).all())
+    model.add_rater()
+    assert model.presence_head.out.weight.shape[0] == 4
+    assert model.sample_personalized(x, 2, torch.Generator().manual_seed(0)).shape == (2, 4, 2, H, W)
+    assert "presence_head.out.weight" in [n for n, _, _ in model.rater_tensors()]

@@ -264,6 +264,24 @@ class TauPosterior(nn.Module):
         return F.softplus(self.raw_concentration)
 
 
+class PresenceHead(nn.Module):
+    """p(y_r is not empty | x): one logit per rater from the backbone features.
+
+    ``forward(feats)``: ``(B, F, h, w)`` -> ``(B, R)`` logits. A 3x3 convolution (ReLU), then the spatial mean and
+    maximum of its channels, then a linear layer per rater (the ``(R, 2 * hidden)`` rows of one ``nn.Linear``, so
+    every rater's row is in every step's graph).
+    """
+
+    def __init__(self, in_channels: int, hidden: int, num_raters: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.out = nn.Linear(2 * hidden, num_raters)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        h = F.relu(self.conv(feats)).flatten(2)  # (B, hidden, h*w)
+        return self.out(torch.cat([h.mean(-1), h.amax(-1)], dim=-1))
+
+
 class SegHead(nn.Module):
     """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as linear layers on channels-last data).
 
@@ -423,6 +441,14 @@ class ProSeg(MultiRaterModel):
             sampling alike. Every pixel's marginal stays ``N(mu, std^2)`` (the KL term is unchanged), but
             neighbouring pixels move together, so one draw can shift a stretch of boundary instead of flickering
             pixel by pixel, and a sample costs f^2 fewer normals. 1 = pixel-wise noise.
+        presence: model whether each rater drew anything, the discrete part of the ambiguity: a presence head
+            (:class:`PresenceHead`, ``presence_hidden`` channels) predicts ``pi_r(x) = p(y_r not empty | x)`` and is
+            trained with binary cross-entropy (weight ``presence_weight``) on every present rater of every image; the
+            segmentation path (p(y|tau,Z), q(Z|x,r), the reconstruction and tau's terms) then learns p(y | x, r, y not
+            empty) from the pairs whose mask is not empty (``rater_sampling="one"`` draws among those raters). Every
+            sample draws its presence ~ Bernoulli(pi_r(x)) (one uniform per sample, shared over a batch with
+            ``share_latent``); an absent sample is the empty mask (probability 0 everywhere). Without it, a rater's
+            samples are empty all together or not at all, as the head's mean decides.
         z_temperature: inference only (training is unchanged): Z is drawn with ``z_temperature`` times the
             posterior's standard deviation in every sampling call (0 = the posterior mean). An inference-time
             argument (``INFERENCE_ARGS``): ``proseg evaluate --model-arg z_temperature=2`` changes it on a trained
@@ -502,6 +528,9 @@ class ProSeg(MultiRaterModel):
         es_weight: float = 0.0,
         z_temperature: float = 1.0,
         z_noise_scale: int = 1,
+        presence: bool = False,
+        presence_hidden: int = 16,
+        presence_weight: float = 1.0,
     ) -> None:
         super().__init__(in_channels, num_raters)
         if int(scale) != scale or scale < 1:
@@ -521,6 +550,9 @@ class ProSeg(MultiRaterModel):
         if int(z_noise_scale) != z_noise_scale or z_noise_scale < 1:
             raise ValueError(f"z_noise_scale must be an integer >= 1, got {z_noise_scale!r}")
         self.z_noise_scale = int(z_noise_scale)
+        if presence_weight < 0:
+            raise ValueError(f"presence_weight must be >= 0, got {presence_weight}")
+        self.presence, self.presence_weight = bool(presence), float(presence_weight)
         check_rater_sampling(rater_sampling)
         if diverse_mode not in ("prior_classifier", "per_rater"):
             raise ValueError(f"diverse_mode must be 'prior_classifier' or 'per_rater', got {diverse_mode!r}")
@@ -547,6 +579,7 @@ class ProSeg(MultiRaterModel):
         self.backbone = create_backbone(backbone, folded, **dict(backbone_cfg or {}))
         feat = int(self.backbone.out_channels)
         self.tau = TauPosterior(num_raters, tau_dim, classifier_hidden)
+        self.presence_head = PresenceHead(feat, presence_hidden, num_raters) if self.presence else None
         self.stat_heads = RaterConvStack(num_raters, (feat, *stat_hidden, 2 * z_channels), shared_input=True)
         if z_logvar_init is not None:
             with torch.no_grad():
@@ -627,13 +660,26 @@ class ProSeg(MultiRaterModel):
         alpha = torch.full((*shape, self.tau_dim), self.alpha0, dtype=like.dtype, device=like.device)
         return sample_dirichlet(alpha, generator)
 
+    def _presence_gate(self, feats: Tensor, raters: Tensor | None, shape: Sequence[int],
+                       generator: torch.Generator | None) -> Tensor | None:
+        """Each sample's presence ~ Bernoulli(pi_r(x)) (``presence``; None without it): ``shape`` = ``(lead, S, K)``
+        uniforms from ``generator`` (lead = B, or 1 to share them over the batch) against pi of the rater of every
+        sample, ``raters`` ``(B, S, K)`` (or None: rater s for column s) -> ``(B, S, K)`` floats in {0, 1}."""
+        if self.presence_head is None:
+            return None
+        with record_function("proseg.sample.presence"):
+            pi = torch.sigmoid(self.presence_head(feats).float())  # (B, R)
+            pi = pi[:, :, None] if raters is None else pi.gather(1, raters.flatten(1)).view(raters.shape)
+            u = noise("uniform", tuple(shape), generator, pi)
+            return (u < pi).to(feats.dtype)
+
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Negative ELBO + L2 (+ the energy score of K Z draws), averaged over the (image, rater) pairs that are
         used and present.
 
-        Returns ``loss`` and the terms ``seg``, ``kl_tau``, ``kl_z``, ``ce``, ``recon``, ``l2`` and, with
-        ``es_weight > 0``, ``es`` (undetached).
+        Returns ``loss`` and the terms ``seg``, ``kl_tau``, ``kl_z``, ``ce``, ``recon``, ``l2``, with
+        ``es_weight > 0`` ``es`` and with ``presence`` ``presence`` (undetached).
         Randomness (the rater choice with ``rater_sampling="one"``, tau and Z) comes from ``generator`` (the
         global RNG when None).
         """
@@ -641,8 +687,12 @@ class ProSeg(MultiRaterModel):
         B = masks.shape[0]
         H, W = image.shape[-2:]
         feats = self._features(image)
-        # "one": one present rater per image, uniformly (an image without any gets weight 0); "all": every rater
-        rater_idx, used, target = training_pairs(masks, present, self.rater_sampling, generator, pick="multinomial")
+        # "one": one present rater per image, uniformly (an image without any gets weight 0); "all": every rater.
+        # With presence, the segmentation path learns p(y | x, r, not empty): only the raters that drew something
+        drew = masks.flatten(2).amax(-1) > 0  # (B, R)
+        pair_raters = present & drew if self.presence else present
+        rater_idx, used, target = training_pairs(masks, pair_raters, self.rater_sampling, generator,
+                                                 pick="multinomial")
         weight = used.to(image.dtype)  # (B, S)
         stat_raters = rater_idx if self.rater_sampling == "one" else None  # None: the dense all-rater path
         S = rater_idx.shape[1]
@@ -675,6 +725,11 @@ class ProSeg(MultiRaterModel):
             flat_t = target if K == 1 else target[:, :, None].expand(B, S, K, H, W)
             seg = segmentation_loss(self.seg_loss_kind, logits.reshape(-1, H, W), flat_t.reshape(-1, H, W), flat_w)
         terms: dict[str, Tensor] = {}
+        if self.presence_head is not None:
+            with record_function("proseg.presence"):  # every present rater's "drew something", not just the pair's
+                pres_logits = self.presence_head(feats).float()  # (B, R)
+                bce = F.binary_cross_entropy_with_logits(pres_logits, drew.float(), reduction="none")
+                terms["presence"] = weighted_mean(bce, present.float())
         if self.es_weight > 0:
             with record_function("proseg.loss.energy"):
                 terms["es"] = energy_score(torch.sigmoid(logits).reshape(B * S, K, H, W),
@@ -693,6 +748,8 @@ class ProSeg(MultiRaterModel):
                      + self.l2_weight * l2)
             if "es" in terms:
                 total = total + self.es_weight * terms["es"]
+            if "presence" in terms:
+                total = total + self.presence_weight * terms["presence"]
         return {"loss": total, "seg": seg, "kl_tau": kl_tau, "kl_z": kl_z, "ce": ce, "recon": recon, "l2": l2,
                 **terms}
 
@@ -772,7 +829,8 @@ class ProSeg(MultiRaterModel):
                              f"got {list(raters or [])}")
         B, K = images.shape[0], int(num_samples)
         R = self.num_raters if subset is None else len(subset)
-        mu, logvar = self._stats(self._features(images), None, subset)  # (B, R, H, W, Zc)
+        feats = self._features(images)
+        mu, logvar = self._stats(feats, None, subset)  # (B, R, H, W, Zc)
         conc = self.tau.concentration().to(mu.dtype)
         if subset is not None:
             conc = _rows(conc, subset)
@@ -780,13 +838,15 @@ class ProSeg(MultiRaterModel):
         lead = 1 if share_latent else B
         with record_function("proseg.sample.tau"):
             tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
-        return self._per_rater_samples(mu, logvar, tau, generator, images.shape[-2:])
+        cols = None if subset is None else torch.as_tensor(subset, device=mu.device)[None, :, None].expand(B, R, K)
+        gate = self._presence_gate(feats, cols, (lead, R, K), generator)
+        return self._per_rater_samples(mu, logvar, tau, generator, images.shape[-2:], gate)
 
     def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None,
-                           size: Sequence[int]) -> Tensor:
+                           size: Sequence[int], gate: Tensor | None = None) -> Tensor:
         """``mu``/``logvar`` ``(B, R, h, w, Zc)``, ``tau`` ``(B or 1, R, K, D)`` -> ``(B, R, K, H, W)`` probabilities
         (``size`` = (H, W)), Z ~ N(mu_r, exp(logvar_r)) drawn per sample; Z is broadcast from the per-rater
-        statistics, never gathered."""
+        statistics, never gathered. ``gate`` ``(B, R, K)`` in {0, 1} (:meth:`_presence_gate`) empties samples."""
         B, R = mu.shape[:2]
         H, W = int(size[0]), int(size[1])
         K = tau.shape[2]
@@ -801,7 +861,7 @@ class ProSeg(MultiRaterModel):
                 z = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w).mul_(std).add_(mu)
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into(out[:, :, k0:k1], self._logits(z, tau[:, :, k0:k1], (H, W)))
-        return out
+        return out if gate is None else out.mul_(gate[..., None, None])
 
     def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor,
                       generator: torch.Generator | None) -> Iterator[tuple[int, int, Tensor]]:
@@ -846,7 +906,8 @@ class ProSeg(MultiRaterModel):
         self._check_sampling(images, num_samples)
         B, R, K = images.shape[0], self.num_raters, int(num_samples)
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        mu, logvar = self._stats(self._features(images), None)  # (B, R, h, w, Zc)
+        feats = self._features(images)
+        mu, logvar = self._stats(feats, None)  # (B, R, h, w, Zc)
         lead = 1 if share_latent else B
         if self.diverse_mode == "per_rater":
             # ceil(K/R) prior samples for every rater through the broadcast path, then keep the first
@@ -854,7 +915,8 @@ class ProSeg(MultiRaterModel):
             per = -(-K // R)
             with record_function("proseg.sample.tau"):
                 tau = self._prior_tau((lead, R, per), generator, mu)
-            out = self._per_rater_samples(mu, logvar, tau, generator, size).reshape(B, R * per, *size)
+            gate = self._presence_gate(feats, None, (lead, R, per), generator)
+            out = self._per_rater_samples(mu, logvar, tau, generator, size, gate).reshape(B, R * per, *size)
             if K == R * per:  # every rater got ceil(K/R): nothing to drop
                 return out
             counts = K // R + (torch.arange(R, device=mu.device) < K % R).long()  # (R,)
@@ -870,6 +932,7 @@ class ProSeg(MultiRaterModel):
                 rater = (p.cumsum(-1) < u).sum(-1).clamp_max(R - 1).reshape(lead, K)
         rater = rater.expand(B, K)
         tau = tau.expand(B, K, self.tau_dim)
+        gate = self._presence_gate(feats, rater[:, None], (lead, 1, K), generator)
         zc = self.z_channels
         std_mu = torch.cat([self._sample_std(logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
         bidx = torch.arange(B, device=mu.device)[:, None]
@@ -881,7 +944,7 @@ class ProSeg(MultiRaterModel):
                 z = self._spread(eps.transpose(0, 1), h, w).mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into(out[:, k0:k1], self._logits(z, tau[:, k0:k1], size))
-        return out
+        return out if gate is None else out.mul_(gate[:, 0, :, None, None])
 
     # --- optimisation ---------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -897,11 +960,13 @@ class ProSeg(MultiRaterModel):
 
     # --- the rater style space and new raters (docs/adaptation.md) ----------------------------------------------
     def rater_tensors(self) -> list[tuple[str, nn.Module, str]]:
-        """Per-rater tensors (rater axis first): tau's concentration row, the classifier's output row, and every
-        stacked weight / bias of the statistic and remap heads."""
+        """Per-rater tensors (rater axis first): tau's concentration row, the classifier's output row, the presence
+        head's output row (``presence``), and every stacked weight / bias of the statistic and remap heads."""
         out: list[tuple[str, nn.Module, str]] = [("tau.raw_concentration", self.tau, "raw_concentration")]
         last = self.tau.classifier[-1]
         out += [(f"tau.classifier.{len(self.tau.classifier) - 1}.{a}", last, a) for a in ("weight", "bias")]
+        if self.presence_head is not None:
+            out += [(f"presence_head.out.{a}", self.presence_head.out, a) for a in ("weight", "bias")]
         for stack_name in ("stat_heads", "remap_heads"):
             stack = getattr(self, stack_name)
             for kind in ("weights", "biases"):
@@ -922,15 +987,18 @@ class ProSeg(MultiRaterModel):
                 f"stat_heads.biases.{last}": b}
 
     def config_updates(self) -> dict[str, Any]:
-        """The resolution, Z's noise resolution and the diverse mode are always written into ``model.json``, so that
-        a later change of the constructor's defaults cannot rebuild a saved model differently."""
+        """The resolution, Z's noise resolution, the presence switch and the diverse mode are always written into
+        ``model.json``, so that a later change of the constructor's defaults cannot rebuild a saved model
+        differently."""
         return {"scale": self.scale, "scale_head": self.scale_head, "diverse_mode": self.diverse_mode,
-                "z_noise_scale": self.z_noise_scale}
+                "z_noise_scale": self.z_noise_scale, "presence": self.presence}
 
     def _after_add_rater(self) -> None:
         self.tau.classifier[-1].out_features = self.num_raters
         self.stat_heads.num_raters = self.num_raters
         self.remap_heads.num_raters = self.num_raters
+        if self.presence_head is not None:
+            self.presence_head.out.out_features = self.num_raters
 
     def tau_positions(self) -> dict[str, Tensor]:
         """The learned raters in tau-space: ``concentration`` ``(R, D)`` (softplus of the raw table), ``mean``
@@ -973,7 +1041,8 @@ class ProSeg(MultiRaterModel):
         self._check_sampling(images, num_samples)
         with eval_mode(self), torch.no_grad():
             B = images.shape[0]
-            mu, logvar = self._stats(self._features(images), None)  # (B, R, H, W, Zc)
+            feats = self._features(images)
+            mu, logvar = self._stats(feats, None)  # (B, R, H, W, Zc)
             tau = tau.to(mu)
             if tau.ndim == 1:
                 if tau.shape[0] != self.tau_dim:
@@ -1000,6 +1069,8 @@ class ProSeg(MultiRaterModel):
             taus = taus.expand(B, T, self.tau_dim)
             bidx = torch.arange(B, device=mu.device)[:, None]
             m, lv = mu[bidx, rat], logvar[bidx, rat]  # (B, T, H, W, Zc)
+            gate = self._presence_gate(feats, rat[:, None], (1 if share_latent else B, 1, T), generator)
             z = self._draw_z(m, self._sample_std(lv), generator)
-            return torch.sigmoid(self._logits(z, taus, images.shape[-2:]))
+            out = torch.sigmoid(self._logits(z, taus, images.shape[-2:]))
+            return out if gate is None else out.mul_(gate[:, 0, :, None, None])
 
