@@ -64,9 +64,9 @@ DIVERSE_KEYS = ("ged", "ged_cross", "ged_labels", "ged_preds", "dice_soft", "dic
 PERSONAL_KEYS = ("dice_per_rater_mean", "dice_match", "dice_max", "ged")
 # Does the spread carry the raters' disagreement? (proseg.metrics.calibration; ambiguity_share is personalized only)
 DIVERSE_SPREAD_KEYS = ("ged_labels", "ged_preds", "diversity_ratio", "sample_variance", "rater_variance", "brier",
-                       "brier_fg", "ece")
+                       "brier_fg", "ece", "empty_labels", "empty_preds")
 PERSONAL_SPREAD_KEYS = ("ged_labels", "ged_preds", "diversity_ratio", "ambiguity_share", "sample_variance",
-                        "rater_variance", "brier", "brier_fg", "ece")
+                        "rater_variance", "brier", "brier_fg", "ece", "empty_labels", "empty_preds")
 PERCENT_PREFIXES = ("dice", "ci_")  # shown x100; every other metric with 4 decimals
 
 

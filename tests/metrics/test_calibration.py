@@ -190,3 +190,18 @@ def test_keys_in_records_aggregate_and_csv(tmp_path: Path) -> None:
     rows = list(csv.DictReader(write_records_csv(recs, tmp_path / "c.csv").open()))
     assert float(rows[0]["ece"]) == pytest.approx(0.09375) and rows[1]["diversity_ratio"] == "nan"
     assert rows[0]["ambiguity_share"] == "0.5" and rows[1]["ambiguity_share"] == ""
+
+
+# ---- empty rates: is the sampler calibrated about whether there is a lesion at all? ------------------------------
+def test_empty_rates_count_empty_labels_and_binarised_predictions() -> None:
+    labels = np.zeros((4, 2, 2))
+    labels[0, 0, 0] = labels[1, 0, 0] = labels[1, 1, 1] = 1  # raters 2 and 3 left it empty: 2 / 4
+    preds = np.zeros((3, 2, 2), dtype=np.float32)
+    preds[0, 0, 0] = 0.9  # drawn
+    preds[1, 0, 0] = 0.5  # 0.5 is not above the 0.5 threshold: empty
+    for convention in ("standard", "reference"):
+        rec = case_metrics(labels, preds, convention=convention)
+        assert (rec["empty_labels"], rec["empty_preds"]) == (0.5, pytest.approx(2 / 3, abs=1e-12))
+    none = case_metrics(np.ones((2, 2, 2)), np.ones((5, 2, 2), dtype=np.float32))
+    assert (none["empty_labels"], none["empty_preds"]) == (0.0, 0.0)
+    assert case_metrics(np.zeros((2, 2, 2)), np.zeros((1, 2, 2), dtype=np.float32))["empty_preds"] == 1.0

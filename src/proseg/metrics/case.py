@@ -55,8 +55,12 @@ SCALAR_KEYS: tuple[str, ...] = (
 )
 LIST_KEYS: tuple[str, ...] = ("dice_per_rater_matched", "dice_per_rater")
 INFO_KEYS: tuple[str, ...] = ("convention", "estimator", "num_labels", "num_predictions")
-EXTRA_KEYS: tuple[str, ...] = ("diversity_ratio", "sample_variance", "rater_variance", "brier", "brier_fg", "ece")
-"""The diversity and calibration keys of every record (:mod:`proseg.metrics.calibration`); may be NaN."""
+EXTRA_KEYS: tuple[str, ...] = ("diversity_ratio", "sample_variance", "rater_variance", "brier", "brier_fg", "ece",
+                               "empty_labels", "empty_preds")
+"""The diversity and calibration keys of every record (:mod:`proseg.metrics.calibration`); may be NaN.
+``empty_labels`` / ``empty_preds``: the fraction of the N label masks / of the M predictions binarised at 0.5 (the
+record's GED threshold) that are empty, in [0, 1] and never NaN: a sampler that is calibrated about whether there
+is a lesion at all has ``empty_preds ≈ empty_labels`` on average."""
 SAMPLE_KEYS: tuple[str, ...] = ("ambiguity_share",)
 """Keys that need the raw samples ``(R, K, *S)``, not only the predictions: never in a :func:`case_metrics` record;
 the evaluation loop adds them to its personalized records (:func:`proseg.metrics.calibration.ambiguity_share`)."""
@@ -110,7 +114,8 @@ def _records_from_flat(
     names = ("ged", "ged_cross", "ged_labels", "ged_preds", "dice_soft", "dice_max", "dice_max_reverse")
     stacked = torch.stack(
         [ged.ged, ged.cross, ged.labels, ged.preds, soft, dmax.dice_max, dmax.dice_max_reverse, ci.ci, ncc,
-         ratio, var.sample_variance, var.rater_variance, cal.brier, cal.brier_fg, cal.ece], -1
+         ratio, var.sample_variance, var.rater_variance, cal.brier, cal.brier_fg, cal.ece,
+         (sizes[0] == 0).double().mean(-1), (sizes[1] == 0).double().mean(-1)], -1
     )
     rows = stacked.to("cpu", torch.float64).tolist()
     d_host = d.to("cpu", torch.float64)
