@@ -340,16 +340,16 @@ def test_fold_and_unfold_are_exact_inverses_of_the_pixel_layout(s: int) -> None:
     x = torch.randn(2, 1, 5 * s, 4 * s)
     folded = model._fold(x)  # (B, s^2, 5, 4): channel i*s + j holds pixel (h*s + i, w*s + j)
     assert folded.shape == (2, s * s, 5, 4)
-    back = model._unfold(folded.permute(0, 2, 3, 1), (5 * s, 4 * s))  # the head's (..., h, w, s^2) layout
+    back = model._unfold(folded, (5 * s, 4 * s))  # the head's channel-first (..., s^2, h, w) layout
     torch.testing.assert_close(back[:, None], x, rtol=0, atol=0)
 
 
 def test_smooth_scale_head_starts_as_upsampled_coarse_logits() -> None:
     model = tiny(scale=2, scale_head="smooth")
     assert model.head.outputs == 5 and float(model.head.last.weight[1:].detach().abs().sum()) == 0.0
-    t = torch.randn(2, 3, 4, 5)  # (..., h, w, 1 + s^2) with zero corrections
-    t[..., 1:] = 0.0
-    up = F.interpolate(t[..., 0].reshape(2, 1, 3, 4), scale_factor=2, mode="bilinear", align_corners=False)
+    t = torch.randn(2, 5, 3, 4)  # (..., 1 + s^2, h, w) with zero corrections
+    t[:, 1:] = 0.0
+    up = F.interpolate(t[:, :1], scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(model._unfold(t, (5, 7)), up.reshape(2, 6, 8)[:, :5, :7])
 
 
@@ -484,8 +484,10 @@ def test_presence_loss_is_the_bce_of_every_present_rater_and_every_parameter_lea
     b = _presence_batch()
     out = model.loss(b, torch.Generator().manual_seed(0))
     drew = b["masks"].flatten(2).amax(-1) > 0
-    logits = model.presence_head(model._features(b["image"])).float()
+    pix, logits = model.presence_head(model._features(b["image"]))
+    assert torch.equal(logits, pix.flatten(2).amax(-1) * model.presence_head.scale + model.presence_head.shift)
     bce = F.binary_cross_entropy_with_logits(logits, drew.float(), reduction="none")
+    bce = bce + F.binary_cross_entropy_with_logits(pix, b["masks"], reduction="none").mean(dim=(2, 3))  # scale 1
     expected = bce[b["rater_present"]].mean()  # the absent rater (image 2, rater 1) does not count
     torch.testing.assert_close(out["presence"], expected)
     out["loss"].backward()
@@ -514,8 +516,8 @@ def test_presence_trains_the_segmentation_path_only_on_masks_that_are_not_empty(
 
 def _set_presence(model: ProSeg, logits: list[float]) -> None:
     with torch.no_grad():
-        model.presence_head.out.weight.zero_()
-        model.presence_head.out.bias.copy_(torch.tensor(logits))
+        model.presence_head.scale.zero_()
+        model.presence_head.shift.copy_(torch.tensor(logits))
 
 
 @pytest.mark.parametrize("mode", ["per_rater", "prior_classifier"])
@@ -564,6 +566,6 @@ def test_presence_is_saved_grows_with_new_raters_and_follows_a_rater_subset(tmp_
     sub = model.sample_personalized(x, 4, torch.Generator().manual_seed(0), raters=[1, 2])
     assert float(sub[:, 0].abs().max()) == 0.0 and bool((sub[:, 1].flatten(2).amax(-1) > 0).all())
     model.add_rater()
-    assert model.presence_head.out.weight.shape[0] == 4
+    assert model.presence_head.pixel.weight.shape[0] == 4 and model.presence_head.shift.shape == (4,)
     assert model.sample_personalized(x, 2, torch.Generator().manual_seed(0)).shape == (2, 4, 2, H, W)
-    assert "presence_head.out.weight" in [n for n, _, _ in model.rater_tensors()]
+    assert {"presence_head.pixel.weight", "presence_head.shift"} <= {n for n, _, _ in model.rater_tensors()}

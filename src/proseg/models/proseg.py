@@ -265,29 +265,33 @@ class TauPosterior(nn.Module):
 
 
 class PresenceHead(nn.Module):
-    """p(y_r is not empty | x): one logit per rater from the backbone features.
+    """p(y_r is not empty | x) for every rater, as a multiple-instance read-out of a per-pixel map.
 
-    ``forward(feats)``: ``(B, F, h, w)`` -> ``(B, R)`` logits. A 3x3 convolution (ReLU), then the spatial mean and
-    maximum of its channels, then a linear layer per rater (the ``(R, 2 * hidden)`` rows of one ``nn.Linear``, so
-    every rater's row is in every step's graph).
+    ``forward(feats)``: ``(B, F, h, w)`` -> ``(pixel_logits (B, R, h, w), presence_logits (B, R))``. A 3x3
+    convolution (ReLU) and a 1x1 convolution give each rater's map ``m_r`` ("would rater r mark this latent
+    pixel?", trained against the rater's mask); a rater drew something if some pixel is marked, so the presence
+    logit is ``scale_r * max_pixels m_r + shift_r`` (a per-rater calibration of the map's peak, started at 1 and 0).
+    The rater axis is the 1x1 convolution's output and the calibration's rows: every rater is in every step.
     """
 
     def __init__(self, in_channels: int, hidden: int, num_raters: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)
-        self.out = nn.Linear(2 * hidden, num_raters)
+        self.pixel = nn.Conv2d(hidden, num_raters, 1)
+        self.scale = nn.Parameter(torch.ones(num_raters))
+        self.shift = nn.Parameter(torch.zeros(num_raters))
 
-    def forward(self, feats: Tensor) -> Tensor:
-        h = F.relu(self.conv(feats)).flatten(2)  # (B, hidden, h*w)
-        return self.out(torch.cat([h.mean(-1), h.amax(-1)], dim=-1))
+    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.pixel(F.relu(self.conv(feats)))  # (B, R, h, w)
+        return m, m.flatten(2).amax(-1) * self.scale + self.shift
 
 
 class SegHead(nn.Module):
     """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as linear layers on channels-last data).
 
     ``forward(z, tau)``: ``z`` ``(..., H, W, Zc)`` channels-last, ``tau`` ``(..., D)`` with the same leading dims
-    (broadcastable) -> logits ``(..., H, W)`` (``(..., H, W, outputs)`` with ``outputs > 1``: the logits of an
-    ``s x s`` block of full-resolution pixels per latent pixel, see ``ProSeg(scale=s)``).
+    (broadcastable) -> logits ``(..., H, W)`` (``(..., outputs, H, W)``, channel-first, with ``outputs > 1``: the
+    logits of an ``s x s`` block of full-resolution pixels per latent pixel, see ``ProSeg(scale=s)``).
     ``W1 @ [z; tau] + b1 = W1z @ z + (W1tau @ tau + b1)``: tau's part
     is a per-leading-index bias, so the ``(.., D, H, W)`` tile is never materialised.
     """
@@ -306,16 +310,26 @@ class SegHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, z: Tensor, tau: Tensor) -> Tensor:
+        # Channel-first batched matmuls, W @ h per sample with h (hidden, H*W): every bias is added along the
+        # contiguous pixel dim (vectorised; along a last dim of 16 or 5 it was a broadcast copy that cost as much as
+        # the matmul), z's channels-last layout is read as a transposed operand without a copy, and the output
+        # planes come out contiguous for the full-resolution unfold.
+        *lead, H, W, C = z.shape
         first = self.layers[0]
         wz, wt = first.weight[:, : self.z_channels], first.weight[:, self.z_channels:]
         bias = F.linear(tau, wt, first.bias)  # (..., hidden)
-        h = F.linear(z, wz)
-        h += bias[..., None, None, :]
-        h = h.relu_()  # in place: linear's backward needs its input, not its output
+        zt = z.reshape(-1, H * W, C).transpose(1, 2)  # (N, Zc, H*W)
+        N = zt.shape[0]
+        h = torch.bmm(wz.expand(N, -1, -1), zt)
+        h += bias.expand(*lead, bias.shape[-1]).reshape(N, -1, 1)
+        h = h.relu_()  # in place: bmm's backward needs its inputs, not its output
         for layer in self.layers[1:]:
-            h = layer(h).relu_()
-        out = self.last(h)
-        return out.squeeze(-1) if self.outputs == 1 else out
+            h = torch.bmm(layer.weight.expand(N, -1, -1), h)
+            h += layer.bias[:, None]
+            h = h.relu_()
+        out = torch.bmm(self.last.weight.expand(N, -1, -1), h)
+        out += self.last.bias[:, None]
+        return out.view(*lead, H, W) if self.outputs == 1 else out.view(*lead, self.outputs, H, W)
 
     def l2(self) -> Tensor:
         """Sum of the (non-squared) L2 norms of every weight and bias of all layers but the last (the reference's
@@ -443,7 +457,8 @@ class ProSeg(MultiRaterModel):
             pixel by pixel, and a sample costs f^2 fewer normals. 1 = pixel-wise noise.
         presence: model whether each rater drew anything, the discrete part of the ambiguity: a presence head
             (:class:`PresenceHead`, ``presence_hidden`` channels) predicts ``pi_r(x) = p(y_r not empty | x)`` and is
-            trained with binary cross-entropy (weight ``presence_weight``) on every present rater of every image; the
+            trained with binary cross-entropy (weight ``presence_weight``; plus the pixel-wise BCE of its per-rater map
+            against the mask at the latent resolution) on every present rater of every image; the
             segmentation path (p(y|tau,Z), q(Z|x,r), the reconstruction and tau's terms) then learns p(y | x, r, y not
             empty) from the pairs whose mask is not empty (``rater_sampling="one"`` draws among those raters). Every
             sample draws its presence ~ Bernoulli(pi_r(x)) (one uniform per sample, shared over a batch with
@@ -620,19 +635,22 @@ class ProSeg(MultiRaterModel):
         return F.pixel_unshuffle(images, s)
 
     def _unfold(self, t: Tensor, size: tuple[int, int]) -> Tensor:
-        """The head's latent-resolution logits to full resolution, cropped to ``size``: ``(..., h, w, s^2)``
-        (``scale_head="shuffle"``: depth-to-space) or ``(..., h, w, 1 + s^2)`` (``"smooth"``: bilinear upsampling
-        of the first channel plus depth-to-space of the others) -> ``(..., H, W)``; ``(..., h, w)`` as is for s = 1."""
+        """The head's latent-resolution logits to full resolution, cropped to ``size``: ``(..., s^2, h, w)``
+        (``scale_head="shuffle"``: depth-to-space) or ``(..., 1 + s^2, h, w)`` (``"smooth"``: bilinear upsampling
+        of the first plane plus depth-to-space of the others) -> ``(..., H, W)``; ``(..., h, w)`` as is for s = 1."""
         s = self.scale
         if s == 1:
             return t
-        *lead, h, w, _ = t.shape
+        *lead, _, h, w = t.shape
         if self.scale_head == "smooth":
-            up = F.interpolate(t[..., 0].reshape(-1, 1, h, w), scale_factor=s, mode="bilinear", align_corners=False)
-            # the corrections' depth-to-space is read straight into the upsampled map (one pass, no copy)
-            t = up.view(*lead, h, s, w, s).add_(t[..., 1:].unflatten(-1, (s, s)).transpose(-3, -2))
+            up = F.interpolate(t[..., 0, :, :].reshape(-1, 1, h, w), scale_factor=s, mode="bilinear",
+                               align_corners=False)
+            # the corrections' depth-to-space, (.., a, b, h, w) -> (.., h, a, w, b), is read straight into the
+            # upsampled map (one pass, no copy)
+            corr = t[..., 1:, :, :].unflatten(-3, (s, s)).permute(*range(len(lead)), -2, -4, -1, -3)
+            t = up.view(*lead, h, s, w, s).add_(corr)
             return t.view(*lead, h * s, w * s)[..., : size[0], : size[1]]
-        t = t.reshape(*lead, h, w, s, s).transpose(-3, -2).reshape(*lead, h * s, w * s)
+        t = t.unflatten(-3, (s, s)).permute(*range(len(lead)), -2, -4, -1, -3).reshape(*lead, h * s, w * s)
         return t[..., : size[0], : size[1]]
 
     def _logits(self, z: Tensor, tau: Tensor, size: tuple[int, int]) -> Tensor:
@@ -668,7 +686,7 @@ class ProSeg(MultiRaterModel):
         if self.presence_head is None:
             return None
         with record_function("proseg.sample.presence"):
-            pi = torch.sigmoid(self.presence_head(feats).float())  # (B, R)
+            pi = torch.sigmoid(self.presence_head(feats)[1].float())  # (B, R)
             pi = pi[:, :, None] if raters is None else pi.gather(1, raters.flatten(1)).view(raters.shape)
             u = noise("uniform", tuple(shape), generator, pi)
             return (u < pi).to(feats.dtype)
@@ -726,10 +744,14 @@ class ProSeg(MultiRaterModel):
             seg = segmentation_loss(self.seg_loss_kind, logits.reshape(-1, H, W), flat_t.reshape(-1, H, W), flat_w)
         terms: dict[str, Tensor] = {}
         if self.presence_head is not None:
-            with record_function("proseg.presence"):  # every present rater's "drew something", not just the pair's
-                pres_logits = self.presence_head(feats).float()  # (B, R)
-                bce = F.binary_cross_entropy_with_logits(pres_logits, drew.float(), reduction="none")
-                terms["presence"] = weighted_mean(bce, present.float())
+            with record_function("proseg.presence"):  # every present rater, not just the pair's
+                pix, pres_logits = self.presence_head(feats)  # (B, R, h, w), (B, R)
+                h, w = pix.shape[-2:]
+                # the masks at the latent resolution: a latent pixel is marked if one of its s x s pixels is
+                marked = self._fold(masks).view(B, self.num_raters, -1, h, w).amax(2)
+                pix_bce = F.binary_cross_entropy_with_logits(pix.float(), marked.float(), reduction="none")
+                bce = F.binary_cross_entropy_with_logits(pres_logits.float(), drew.float(), reduction="none")
+                terms["presence"] = weighted_mean(bce + pix_bce.mean(dim=(2, 3)), present.float())
         if self.es_weight > 0:
             with record_function("proseg.loss.energy"):
                 terms["es"] = energy_score(torch.sigmoid(logits).reshape(B * S, K, H, W),
@@ -966,7 +988,9 @@ class ProSeg(MultiRaterModel):
         last = self.tau.classifier[-1]
         out += [(f"tau.classifier.{len(self.tau.classifier) - 1}.{a}", last, a) for a in ("weight", "bias")]
         if self.presence_head is not None:
-            out += [(f"presence_head.out.{a}", self.presence_head.out, a) for a in ("weight", "bias")]
+            head = self.presence_head
+            out += [(f"presence_head.pixel.{a}", head.pixel, a) for a in ("weight", "bias")]
+            out += [(f"presence_head.{a}", head, a) for a in ("scale", "shift")]
         for stack_name in ("stat_heads", "remap_heads"):
             stack = getattr(self, stack_name)
             for kind in ("weights", "biases"):
@@ -998,7 +1022,7 @@ class ProSeg(MultiRaterModel):
         self.stat_heads.num_raters = self.num_raters
         self.remap_heads.num_raters = self.num_raters
         if self.presence_head is not None:
-            self.presence_head.out.out_features = self.num_raters
+            self.presence_head.pixel.out_channels = self.num_raters
 
     def tau_positions(self) -> dict[str, Tensor]:
         """The learned raters in tau-space: ``concentration`` ``(R, D)`` (softplus of the raw table), ``mean``
