@@ -569,3 +569,16 @@ def test_presence_is_saved_grows_with_new_raters_and_follows_a_rater_subset(tmp_
     assert model.presence_head.pixel.weight.shape[0] == 4 and model.presence_head.shift.shape == (4,)
     assert model.sample_personalized(x, 2, torch.Generator().manual_seed(0)).shape == (2, 4, 2, H, W)
     assert {"presence_head.pixel.weight", "presence_head.shift"} <= {n for n, _, _ in model.rater_tensors()}
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_presence_pixel_targets_are_the_masks_at_the_latent_resolution(size: tuple[int, int]) -> None:
+    model = create_model("proseg", in_channels=1, num_raters=2, presence=True)  # scale 2
+    masks = torch.zeros(1, 2, *size)
+    masks[0, 0, 3, 5] = 1.0
+    masks[0, 1, size[0] - 1, size[1] - 1] = 1.0  # the last pixel: its latent pixel is a padded one for odd sizes
+    marks = model._latent_marks(masks)
+    h, w = -(-size[0] // 2), -(-size[1] // 2)
+    assert marks.shape == (1, 2, h, w)
+    assert marks[0, 0].nonzero().tolist() == [[1, 2]]
+    assert marks[0, 1].nonzero().tolist() == [[h - 1, w - 1]]

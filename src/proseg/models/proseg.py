@@ -674,6 +674,13 @@ class ProSeg(MultiRaterModel):
             s = s.permute(0, 1, 3, 4, 2).contiguous()
             return s[..., : self.z_channels], s[..., self.z_channels:]
 
+    def _latent_marks(self, masks: Tensor) -> Tensor:
+        """Masks ``(B, R, H, W)`` at the latent resolution ``(B, R, ceil(H/s), ceil(W/s))``: a latent pixel is marked
+        if one of its ``s x s`` pixels is (the edge padding of :meth:`_fold` repeats the edge pixels)."""
+        B, R = masks.shape[:2]
+        folded = self._fold(masks)  # (B, R s^2, h, w), rater-major
+        return folded.view(B, R, self.scale ** 2, *folded.shape[-2:]).amax(2)
+
     def _prior_tau(self, shape: Sequence[int], generator: torch.Generator | None, like: Tensor) -> Tensor:
         alpha = torch.full((*shape, self.tau_dim), self.alpha0, dtype=like.dtype, device=like.device)
         return sample_dirichlet(alpha, generator)
@@ -746,9 +753,7 @@ class ProSeg(MultiRaterModel):
         if self.presence_head is not None:
             with record_function("proseg.presence"):  # every present rater, not just the pair's
                 pix, pres_logits = self.presence_head(feats)  # (B, R, h, w), (B, R)
-                h, w = pix.shape[-2:]
-                # the masks at the latent resolution: a latent pixel is marked if one of its s x s pixels is
-                marked = self._fold(masks).view(B, self.num_raters, -1, h, w).amax(2)
+                marked = self._latent_marks(masks)
                 pix_bce = F.binary_cross_entropy_with_logits(pix.float(), marked.float(), reduction="none")
                 bce = F.binary_cross_entropy_with_logits(pres_logits.float(), drew.float(), reduction="none")
                 terms["presence"] = weighted_mean(bce + pix_bce.mean(dim=(2, 3)), present.float())
