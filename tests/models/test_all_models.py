@@ -71,8 +71,11 @@ def test_constructor_defaults_are_the_default_preset(name: str) -> None:
     direct = cls(C, R)
     torch.manual_seed(0)
     built = create_model(name, in_channels=C, num_raters=R)
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if k not in ("self", "in_channels", "num_raters")}
+    # every constructor argument is recorded, so that a later change of a default cannot rebuild it differently
     assert built.init_config == {"name": name, "in_channels": C, "num_raters": R, "preset": "default",
-                                 **built.config_updates()}
+                                 **defaults, **built.config_updates()}
     assert _options(direct) == _options(built)
     sd_a, sd_b = direct.state_dict(), built.state_dict()
     assert [(k, v.shape) for k, v in sd_a.items()] == [(k, v.shape) for k, v in sd_b.items()]
@@ -199,3 +202,33 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
             assert torch.equal(_call(model, which, images, 2, 7), _call(loaded, which, images, 2, 7))
             compared += 1
     assert compared > 0, f"{name} supports neither sampling call"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_saved_model_records_every_constructor_argument(name: str, tmp_path) -> None:
+    import json
+
+    cls = get_model_class(name)
+    save_model(make_model(name), tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "model.json").read_text())["model"]
+    params = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    assert set(params) <= set(saved), f"{name}: not recorded: {sorted(set(params) - set(saved))}"
+
+
+def test_a_changed_constructor_default_does_not_change_a_saved_model(tmp_path, monkeypatch) -> None:
+    from proseg.models.proseg import ProSeg
+
+    torch.manual_seed(0)
+    model = create_model("proseg", in_channels=1, num_raters=2)
+    save_model(model, tmp_path / "ckpt")
+    # a later version changes a default that shapes the weights (z_channels 16 -> 8)
+    names = [k for k, p in inspect.signature(ProSeg.__init__).parameters.items() if p.default is not p.empty]
+    defaults = list(ProSeg.__init__.__defaults__)
+    defaults[names.index("z_channels")] = 8
+    monkeypatch.setattr(ProSeg.__init__, "__defaults__", tuple(defaults))
+    assert ProSeg(1, 2).z_channels == 8
+    back = load_model(tmp_path / "ckpt")
+    assert back.z_channels == 16
+    x = torch.randn(1, 1, H, W)
+    torch.testing.assert_close(back.sample_diverse(x, 2, torch.Generator().manual_seed(0)),
+                               model.sample_diverse(x, 2, torch.Generator().manual_seed(0)))

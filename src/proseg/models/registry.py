@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -60,9 +61,11 @@ def create_model(
         preset: a named set of hyper-parameters from the class's ``PRESETS`` (``default``, ``reference`` ...).
         **overrides: constructor keyword arguments that replace the preset's.
 
-    The call is recorded as ``model.init_config`` (name, C, R, preset and the overrides; a model may add options it
-    changes itself, see ``MultiRaterModel.config_updates``) so that ``create_model(**model.init_config)`` rebuilds
-    the same architecture (used by checkpoints). The ``default`` preset is the constructor's defaults.
+    The call is recorded as ``model.init_config`` (name, C, R, preset and **every** constructor argument with the value
+    used, :func:`resolved_arguments`; a model may add options it changes itself, see
+    ``MultiRaterModel.config_updates``) so that ``create_model(**model.init_config)`` rebuilds the same architecture
+    (used by checkpoints) even after the class's defaults or presets change. The ``default`` preset is the
+    constructor's defaults.
 
     Raises:
         UnknownNameError: (a :class:`~proseg.errors.ConfigError`, also a ``KeyError``) an unknown model or preset.
@@ -84,6 +87,20 @@ def create_model(
         "in_channels": in_channels,
         "num_raters": num_raters,
         "preset": preset,
-        **overrides,
+        **resolved_arguments(cls, kwargs),
     }
     return model
+
+
+def resolved_arguments(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every keyword argument of ``cls``'s constructor (but ``in_channels`` / ``num_raters``) with the value the
+    model is built with: ``kwargs`` (the preset and the overrides), else the constructor's default.
+
+    Recording all of them, not only the ones the caller named, means that a later change of a default or of a preset
+    cannot rebuild a saved model differently from how it was trained."""
+    params = inspect.signature(cls.__init__).parameters
+    out = {k: p.default for k, p in params.items()
+           if k not in ("self", "in_channels", "num_raters") and p.default is not inspect.Parameter.empty
+           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    out.update(kwargs)
+    return out
