@@ -148,8 +148,9 @@ def test_reference_preset_parameter_count() -> None:
 
 
 def test_default_is_the_constructor_and_the_documented_size() -> None:
-    model = ProSeg(1, 4)  # = create_model("proseg", in_channels=1, num_raters=4): docs/models.md's 573,981
-    assert sum(p.numel() for p in model.parameters()) == 573_981
+    model = ProSeg(1, 4)  # = create_model("proseg", in_channels=1, num_raters=4): docs/models.md's 576,377
+    assert sum(p.numel() for p in model.parameters()) == 576_377
+    assert model.presence
     assert model.rater_sampling == "one" and model.diverse_mode == "per_rater"
     assert model.scale == 2 and model.scale_head == "smooth" and model.es_weight == 0.0
     assert float(model.stat_heads.biases[-1][0, model.z_channels].detach()) == -4.0  # z_logvar_init
@@ -232,7 +233,7 @@ def _rater_coded(model: ProSeg) -> ProSeg:
 
 
 def test_diverse_per_rater_splits_samples_evenly_over_raters() -> None:
-    model = _rater_coded(tiny(num_raters=3, diverse_mode="per_rater"))
+    model = _rater_coded(tiny(num_raters=3, diverse_mode="per_rater", presence=False))
     x = torch.randn(2, 1, H, W)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -284,7 +285,8 @@ def test_sample_draws_do_not_depend_on_the_thread_count() -> None:
 
 @pytest.mark.parametrize("diverse_rater", ["argmax", "sample"])
 def test_diverse_prior_classifier_uses_the_classifier_rater(diverse_rater: str) -> None:
-    model = _rater_coded(tiny(num_raters=3, diverse_mode="prior_classifier", diverse_rater=diverse_rater))
+    model = _rater_coded(tiny(num_raters=3, diverse_mode="prior_classifier", diverse_rater=diverse_rater,
+                                presence=False))
     with torch.no_grad():
         model.tau.classifier[-1].weight.zero_()
         model.tau.classifier[-1].bias.copy_(torch.tensor([-30.0, -30.0, 30.0]))  # p(r=2 | tau) = 1
@@ -376,7 +378,7 @@ def test_scale_two_costs_a_quarter_of_the_latent() -> None:
 
 
 def test_train_samples_average_the_segmentation_loss_and_add_the_energy_score() -> None:
-    model = tiny(train_samples=3, es_weight=0.5)
+    model = tiny(train_samples=3, es_weight=0.5, presence=False)
     out = model.loss(batch(), torch.Generator().manual_seed(0))
     assert "es" in out and torch.isfinite(out["es"])
     expected = (out["seg"] + model.kl_weight * (out["kl_tau"] + out["kl_z"]) + model.ce_weight * out["ce"]
@@ -412,28 +414,41 @@ def test_z_temperature_scales_only_the_sampling_spread() -> None:
         tiny(z_temperature=-1.0)
 
 
-def test_a_checkpoint_of_the_former_default_still_loads(tmp_path) -> None:
-    """model.json files written before the defaults changed name neither scale nor diverse_mode."""
+@pytest.mark.parametrize("generation", ["first", "second"])
+def test_checkpoints_of_the_former_defaults_still_load(tmp_path, generation: str) -> None:
+    """model.json files of the first sessions named only the call (name, C, R, preset); the first generation's
+    default was full resolution without presence, the second's half resolution (its files also pin scale,
+    scale_head, diverse_mode, z_noise_scale) without presence."""
     import json
 
     from proseg.errors import ProsegWarning
     from proseg.models import load_model, save_model
 
     torch.manual_seed(0)
-    old = create_model("proseg", in_channels=1, num_raters=2, scale=1, diverse_mode="prior_classifier")
+    if generation == "first":
+        old = create_model("proseg", in_channels=1, num_raters=2, scale=1, diverse_mode="prior_classifier",
+                           presence=False)
+        pinned: dict = {}
+    else:
+        old = create_model("proseg", in_channels=1, num_raters=2, presence=False)
+        pinned = {"scale": 2, "scale_head": "smooth", "diverse_mode": "per_rater", "z_noise_scale": 1}
     save_model(old, tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
-    assert meta["model"]["scale"] == 1  # new files pin the resolution (config_updates)
-    assert meta["model"]["z_noise_scale"] == 1
-    for key in ("scale", "scale_head", "diverse_mode", "z_noise_scale"):
-        del meta["model"][key]  # what an old file looks like
-    (tmp_path / "ckpt" / "model.json").write_text(json.dumps(meta))
+    assert meta["model"]["presence"] is False and meta["model"]["z_channels"] == 16  # new files pin everything
+    meta["model"] = {"name": "proseg", "in_channels": 1, "num_raters": 2, "preset": "default", **pinned}
+    (tmp_path / "ckpt" / "model.json").write_text(json.dumps(meta))  # what an old file looks like
     with pytest.warns(ProsegWarning, match="former defaults"):
         back = load_model(tmp_path / "ckpt")
-    assert back.scale == 1 and back.diverse_mode == "prior_classifier" and back.z_noise_scale == 1
+    assert back.presence is False and back.scale == old.scale and back.diverse_mode == old.diverse_mode
     x = torch.randn(1, 1, H, W)
     torch.testing.assert_close(back.sample_diverse(x, 3, torch.Generator().manual_seed(0)),
                                old.sample_diverse(x, 3, torch.Generator().manual_seed(0)))
+    save_model(back, tmp_path / "again")  # re-saved, it records the former values and loads without a warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(tmp_path / "again").presence is False
 
 
 @pytest.mark.parametrize("size", [(8, 8), (7, 9)])
@@ -492,7 +507,7 @@ def test_presence_loss_is_the_bce_of_every_present_rater_and_every_parameter_lea
     torch.testing.assert_close(out["presence"], expected)
     out["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
-    assert "presence" not in tiny().loss(b, torch.Generator().manual_seed(0))
+    assert "presence" not in tiny(presence=False).loss(b, torch.Generator().manual_seed(0))
 
 
 def test_presence_trains_the_segmentation_path_only_on_masks_that_are_not_empty() -> None:

@@ -135,9 +135,11 @@ class MultiRaterModel(nn.Module):
     supports_personalized: bool = False
     supports_diverse: bool = False
     PRESETS: dict[str, dict[str, Any]] = {"default": {}}
-    #: constructor defaults the class had before they changed: a checkpoint whose model.json names none of them and
-    #: whose weights do not fit the current defaults is rebuilt with these (``load_model``, with a warning)
-    LEGACY_DEFAULTS: dict[str, Any] = {}
+    #: constructor defaults the class had before they changed, one dict per change, newest first: a checkpoint whose
+    #: weights do not fit the current defaults is rebuilt with the former values of the arguments its model.json
+    #: does not name, trying the newest change first and then each older one on top (``load_model``, with a
+    #: warning). Files written since every argument is recorded (``create_model``) never need it.
+    LEGACY_DEFAULTS: tuple[dict[str, Any], ...] = ()
     #: constructor arguments that only change how samples are drawn, never the weights: ``load_model(...,
     #: inference_args=...)`` (``proseg evaluate/predict --model-arg``) may replace them in a trained checkpoint
     INFERENCE_ARGS: tuple[str, ...] = ()
@@ -459,21 +461,25 @@ def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _legacy_build(cfg: dict[str, Any], inference_args: dict[str, Any],
-                  state: dict[str, Tensor]) -> tuple[Any, list[str], list[str]] | None:
-    """A model.json written before a model class changed its constructor defaults names none of the changed
-    arguments; rebuild it with the class's ``LEGACY_DEFAULTS`` (then the caller's ``inference_args``) and load
-    ``state``. None when the class has none, the saved config sets one of them, or the weights do not fit either."""
-    legacy = dict(getattr(get_model_class(cfg["name"]), "LEGACY_DEFAULTS", {}))
-    if not legacy or any(k in cfg for k in legacy):
-        return None
-    cfg = {**legacy, **cfg, **inference_args}
-    try:
-        model = create_model(**cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except (ProsegError, KeyError, TypeError, ValueError, RuntimeError):
-        return None
-    model.init_config = cfg
-    return model, missing, unexpected
+                  state: dict[str, Tensor]) -> tuple[Any, dict[str, Any]] | None:
+    """A model.json written before a model class changed its constructor defaults does not name the changed
+    arguments; rebuild it with their former values (``LEGACY_DEFAULTS``: the newest change first, then each older one
+    on top; only for the arguments the file does not name; then the caller's ``inference_args``) until ``state``
+    loads exactly. ``(model, former values applied)``, or None when no generation fits."""
+    former: dict[str, Any] = {}
+    for change in getattr(get_model_class(cfg["name"]), "LEGACY_DEFAULTS", ()):
+        applied = {k: v for k, v in change.items() if k not in cfg}
+        if not applied:
+            continue
+        former.update(applied)
+        try:
+            model = create_model(**{**cfg, **former, **inference_args})
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except (ProsegError, KeyError, TypeError, ValueError, RuntimeError):
+            continue
+        if not missing and not unexpected:
+            return model, dict(former)
+    return None
 
 
 def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
@@ -516,15 +522,20 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     state = read_weights(weights_file, map_location)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        mismatch: RuntimeError | None = None
     except RuntimeError as exc:  # a shape mismatch
+        mismatch, missing, unexpected = exc, [], []
+    if mismatch is not None or missing or unexpected:
         legacy = _legacy_build(saved, inference_args or {}, state)
-        if legacy is None:
+        if legacy is not None:
+            model, former = legacy
+            missing, unexpected = [], []
+            warnings.warn(f"{cfg_file}: saved before the {name!r} defaults changed; rebuilt with the former "
+                          f"defaults {former} (add them to its model entry to silence this)",
+                          ProsegWarning, stacklevel=2)
+        elif mismatch is not None:
             raise CheckpointError(f"{weights_file}: weights do not fit the {name!r} architecture in {cfg_file} "
-                                  f"({exc})") from exc
-        model, missing, unexpected = legacy
-        warnings.warn(f"{cfg_file}: saved before the {name!r} defaults changed; rebuilt with the former defaults "
-                      f"{dict(type(model).LEGACY_DEFAULTS)} (add them to its model entry to silence this)",
-                      ProsegWarning, stacklevel=2)
+                                  f"({mismatch})") from mismatch
     if missing or unexpected:
         raise CheckpointError(f"{weights_file}: weights do not match the {name!r} architecture in {cfg_file} "
                               f"(missing keys: {missing[:5]}, unexpected keys: {unexpected[:5]})")

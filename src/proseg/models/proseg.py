@@ -393,6 +393,7 @@ _REFERENCE: dict[str, Any] = {
     "latent_lr": 2e-3,
     "z_logvar_init": None,
     "scale": 1,
+    "presence": False,  # the reference has no presence head
 }
 #: the ``default`` backbone configuration (read-only: a constructor default)
 _DEFAULT_BACKBONE_CFG: Mapping[str, Any] = MappingProxyType({"widths": (16, 32, 64, 128)})
@@ -473,9 +474,12 @@ class ProSeg(MultiRaterModel):
     supports_personalized = True
     supports_diverse = True
     INFERENCE_ARGS = ("diverse_mode", "diverse_rater", "z_temperature")
-    #: the constructor's defaults before 2026-12-02 (full resolution, the paper's diverse mode): older
-    #: checkpoints of the ``default`` preset name neither, and load_model rebuilds them with these
-    LEGACY_DEFAULTS = {"scale": 1, "diverse_mode": "prior_classifier"}
+    #: the constructor's former defaults, newest change first: a model.json written before a change names none of
+    #: its arguments, and load_model rebuilds it with them (cumulatively: a file older than both changes gets both)
+    LEGACY_DEFAULTS = (
+        {"presence": False},  # before the third session of 2026-12-02: no presence head
+        {"scale": 1, "diverse_mode": "prior_classifier"},  # before 2026-12-02: full resolution, the paper's mode
+    )
 
     PRESETS: dict[str, dict[str, Any]] = {
         "reference": _REFERENCE,
@@ -502,6 +506,8 @@ class ProSeg(MultiRaterModel):
             "recon_divide_by_batch": False,
             "rater_sampling": "all",
             "diverse_mode": "prior_classifier",
+            "presence": True,  # so that the shared model tests reach the presence head
+            "presence_hidden": 4,
         },
     }
 
@@ -543,7 +549,7 @@ class ProSeg(MultiRaterModel):
         es_weight: float = 0.0,
         z_temperature: float = 1.0,
         z_noise_scale: int = 1,
-        presence: bool = False,
+        presence: bool = True,
         presence_hidden: int = 16,
         presence_weight: float = 1.0,
     ) -> None:
