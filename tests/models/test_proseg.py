@@ -597,3 +597,20 @@ def test_presence_pixel_targets_are_the_masks_at_the_latent_resolution(size: tup
     assert marks.shape == (1, 2, h, w)
     assert marks[0, 0].nonzero().tolist() == [[1, 2]]
     assert marks[0, 1].nonzero().tolist() == [[h - 1, w - 1]]
+
+
+def test_presence_temperature_sharpens_the_presence_draw() -> None:
+    x = torch.randn(2, 1, H, W)
+    rates = {}
+    for t in (1.0, 0.25, 0.0):
+        model = tiny(presence=True, presence_temperature=t).eval()
+        with torch.no_grad():
+            model.head.last.bias.fill_(20.0)
+        _set_presence(model, [0.5, -0.5, 3.0])  # pi = 0.62, 0.38, 0.95 at T = 1
+        p = model.sample_personalized(x, 400, torch.Generator().manual_seed(0))
+        rates[t] = (p.flatten(3).amax(-1) == 0).float().mean((0, 2))  # empty rate per rater
+    assert abs(float(rates[1.0][0]) - (1 - torch.sigmoid(torch.tensor(0.5)).item())) < 0.06
+    assert float(rates[0.25][0]) < float(rates[1.0][0]) and float(rates[0.25][1]) > float(rates[1.0][1])
+    assert rates[0.0].tolist() == [0.0, 1.0, 0.0]  # T = 0: present exactly where pi > 1/2
+    with pytest.raises(ValueError, match="presence_temperature"):
+        tiny(presence_temperature=-1.0)

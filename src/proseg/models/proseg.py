@@ -465,6 +465,9 @@ class ProSeg(MultiRaterModel):
             sample draws its presence ~ Bernoulli(pi_r(x)) (one uniform per sample, shared over a batch with
             ``share_latent``); an absent sample is the empty mask (probability 0 everywhere). Without it, a rater's
             samples are empty all together or not at all, as the head's mean decides.
+        presence_temperature: inference only: each sample's presence is drawn from ``sigmoid(logit / T)`` (T < 1
+            sharpens pi towards 0 or 1; 0 = present exactly when pi > 1/2, the same for every sample). An
+            inference-time argument, like ``z_temperature``.
         z_temperature: inference only (training is unchanged): Z is drawn with ``z_temperature`` times the
             posterior's standard deviation in every sampling call (0 = the posterior mean). An inference-time
             argument (``INFERENCE_ARGS``): ``proseg evaluate --model-arg z_temperature=2`` changes it on a trained
@@ -473,7 +476,7 @@ class ProSeg(MultiRaterModel):
 
     supports_personalized = True
     supports_diverse = True
-    INFERENCE_ARGS = ("diverse_mode", "diverse_rater", "z_temperature")
+    INFERENCE_ARGS = ("diverse_mode", "diverse_rater", "z_temperature", "presence_temperature")
     #: the constructor's former defaults, newest change first: a model.json written before a change names none of
     #: its arguments, and load_model rebuilds it with them (cumulatively: a file older than both changes gets both)
     LEGACY_DEFAULTS = (
@@ -552,6 +555,7 @@ class ProSeg(MultiRaterModel):
         presence: bool = True,
         presence_hidden: int = 16,
         presence_weight: float = 1.0,
+        presence_temperature: float = 1.0,
     ) -> None:
         super().__init__(in_channels, num_raters)
         if int(scale) != scale or scale < 1:
@@ -574,6 +578,9 @@ class ProSeg(MultiRaterModel):
         if presence_weight < 0:
             raise ValueError(f"presence_weight must be >= 0, got {presence_weight}")
         self.presence, self.presence_weight = bool(presence), float(presence_weight)
+        if not (math.isfinite(presence_temperature) and presence_temperature >= 0):
+            raise ValueError(f"presence_temperature must be a finite number >= 0, got {presence_temperature!r}")
+        self.presence_temperature = float(presence_temperature)
         check_rater_sampling(rater_sampling)
         if diverse_mode not in ("prior_classifier", "per_rater"):
             raise ValueError(f"diverse_mode must be 'prior_classifier' or 'per_rater', got {diverse_mode!r}")
@@ -699,7 +706,9 @@ class ProSeg(MultiRaterModel):
         if self.presence_head is None:
             return None
         with record_function("proseg.sample.presence"):
-            pi = torch.sigmoid(self.presence_head(feats)[1].float())  # (B, R)
+            logit = self.presence_head(feats)[1].float()  # (B, R)
+            t = self.presence_temperature
+            pi = (logit > 0).float() if t == 0 else torch.sigmoid(logit if t == 1 else logit / t)
             pi = pi[:, :, None] if raters is None else pi.gather(1, raters.flatten(1)).view(raters.shape)
             u = noise("uniform", tuple(shape), generator, pi)
             return (u < pi).to(feats.dtype)
