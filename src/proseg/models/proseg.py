@@ -287,7 +287,7 @@ class PresenceHead(nn.Module):
 
 
 class SegHead(nn.Module):
-    """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as linear layers on channels-last data).
+    """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as batched matmuls, channel-first).
 
     ``forward(z, tau)``: ``z`` ``(..., H, W, Zc)`` channels-last, ``tau`` ``(..., D)`` with the same leading dims
     (broadcastable) -> logits ``(..., H, W)`` (``(..., outputs, H, W)``, channel-first, with ``outputs > 1``: the
