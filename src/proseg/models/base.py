@@ -233,8 +233,8 @@ class MultiRaterModel(nn.Module):
 
     def config_updates(self) -> dict[str, Any]:
         """Constructor options whose value the model itself changes after it is built (D-Persona's ``stage``, see
-        ``set_stage``) or that it pins against future changes of its defaults (ProSeg's ``scale``);
-        :attr:`init_config` records their current values. ``{}`` for most models."""
+        ``set_stage``); :attr:`init_config` records their current values. ``{}`` for most models (every constructor
+        argument is recorded anyway, :func:`~proseg.models.registry.resolved_arguments`)."""
         return {}
 
     # --- a new rater (few-shot adaptation; docs/adaptation.md) ------------------------------------------

@@ -730,8 +730,8 @@ class ProSeg(MultiRaterModel):
         feats = self._features(image)
         # "one": one present rater per image, uniformly (an image without any gets weight 0); "all": every rater.
         # With presence, the segmentation path learns p(y | x, r, not empty): only the raters that drew something
-        drew = masks.flatten(2).amax(-1) > 0  # (B, R)
-        pair_raters = present & drew if self.presence else present
+        drew = masks.flatten(2).amax(-1) > 0 if self.presence else None  # (B, R)
+        pair_raters = present & drew if drew is not None else present
         rater_idx, used, target = training_pairs(masks, pair_raters, self.rater_sampling, generator,
                                                  pick="multinomial")
         weight = used.to(image.dtype)  # (B, S)
@@ -766,7 +766,7 @@ class ProSeg(MultiRaterModel):
             flat_t = target if K == 1 else target[:, :, None].expand(B, S, K, H, W)
             seg = segmentation_loss(self.seg_loss_kind, logits.reshape(-1, H, W), flat_t.reshape(-1, H, W), flat_w)
         terms: dict[str, Tensor] = {}
-        if self.presence_head is not None:
+        if self.presence_head is not None and drew is not None:
             with record_function("proseg.presence"):  # every present rater, not just the pair's
                 pix, pres_logits = self.presence_head(feats)  # (B, R, h, w), (B, R)
                 marked = self._latent_marks(masks)
@@ -1030,13 +1030,6 @@ class ProSeg(MultiRaterModel):
         b[self.z_channels:] = float(self.prior_logvar)
         return {"tau.raw_concentration": raw, f"stat_heads.weights.{last}": torch.zeros(w.shape[1:]),
                 f"stat_heads.biases.{last}": b}
-
-    def config_updates(self) -> dict[str, Any]:
-        """The resolution, Z's noise resolution, the presence switch and the diverse mode are always written into
-        ``model.json``, so that a later change of the constructor's defaults cannot rebuild a saved model
-        differently."""
-        return {"scale": self.scale, "scale_head": self.scale_head, "diverse_mode": self.diverse_mode,
-                "z_noise_scale": self.z_noise_scale, "presence": self.presence}
 
     def _after_add_rater(self) -> None:
         self.tau.classifier[-1].out_features = self.num_raters
