@@ -13,7 +13,10 @@ RSS) on random data: ``(B, C, size, size)`` images, R raters, all present. Colum
   bf16 (AVX512-BF16 or AMX; emulated bf16 is ~20x slower than fp32, ``--force-bf16`` times it anyway);
 * ``peak RSS``: the subprocess's peak resident memory after the fp32 B=16 steps (GB);
 * ``52 samples``: one image, ``sample_diverse(K=52)`` (personalized with ceil(52/R) per rater when a model has no
-  diverse output), eval mode, ``inference_mode``; ``+1 sample``: ``(t(K=152) - t(K=52)) / 100``;
+  diverse output), eval mode, ``inference_mode``; ``+1 sample``: ``(t(K=152) - t(K=52)) / 100``. A model with a
+  presence head (ProSeg ``presence=True``) skips the samples it draws empty, so its cost depends on the data: these
+  two columns pin every rater's pi(x) to 1 (every sample drawn, the worst case), and ``52 samples, pi = 1/2`` pins
+  it to 1/2 (about the share of empty samples ProSeg draws on LIDC, 0.5-0.6);
 * ``params``: parameter count (millions);
 * ``GFLOP/step``: ``torch.utils.flop_counter.FlopCounterMode`` over one fp32 ``loss + backward`` at the largest
   batch (matmul/conv-like ops only, as the counter counts: elementwise work and Adam are not in it; 1 MAC = 2 FLOP).
@@ -192,7 +195,12 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 model.sample_personalized(x, num_samples=math.ceil(k / R), generator=g)
 
+    presence = getattr(model, "presence_head", None)
     try:
+        if presence is not None:
+            _pin_presence(presence, 0.0)  # pi = 1/2
+            res["sample52_half_ms"] = _median_time(lambda: sample(52), args.sample_repeats) * 1e3
+            _pin_presence(presence, 30.0)  # pi = 1: every sample drawn
         t52 = _median_time(lambda: sample(52), args.sample_repeats)
         t152 = _median_time(lambda: sample(152), args.sample_repeats)
         res["sample52_ms"] = t52 * 1e3
@@ -206,6 +214,15 @@ def worker(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _pin_presence(head: Any, logit: float) -> None:
+    """Every rater's presence logit to ``logit`` whatever the image (ProSeg's ``PresenceHead``: scale 0, shift)."""
+    import torch
+
+    with torch.no_grad():
+        head.scale.zero_()
+        head.shift.fill_(logit)
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "-"
@@ -216,16 +233,18 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     cols = [f"step fp32 B={b} (s)" for b in batch_sizes] + [f"step bf16 B={b} (s)" for b in batch_sizes]
-    cols += ["peak RSS (GB)", "52 samples (ms)", "+1 sample (ms)", "params (M)", "GFLOP/step"]
+    cols += ["peak RSS (GB)", "52 samples (ms)", "+1 sample (ms)", "52 samples, pi = 1/2 (ms)", "params (M)",
+             "GFLOP/step"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error']} |")
             continue
         vals = [r.get(f"step_fp32_b{b}") for b in batch_sizes] + [r.get(f"step_bf16_b{b}") for b in batch_sizes]
-        vals += [r.get("peak_rss_GB"), r.get("sample52_ms"), r.get("per_sample_ms"), r.get("params_M"),
-                 r.get("gflop_step")]
-        cells = [_fmt(v, 1 if i in (len(vals) - 4, len(vals) - 3, len(vals) - 1) else 2) for i, v in enumerate(vals)]
+        vals += [r.get("peak_rss_GB"), r.get("sample52_ms"), r.get("per_sample_ms"), r.get("sample52_half_ms"),
+                 r.get("params_M"), r.get("gflop_step")]
+        one_digit = (len(vals) - 5, len(vals) - 4, len(vals) - 3, len(vals) - 1)
+        cells = [_fmt(v, 1 if i in one_digit else 2) for i, v in enumerate(vals)]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -269,7 +288,8 @@ def run_reference(args: argparse.Namespace, model: str = "proseg", flops: bool =
     return row
 
 
-RATIO_KEYS = ("step_fp32_b{B}", "peak_rss_GB", "sample52_ms", "gflop_step")
+RATIO_KEYS = ("step_fp32_b{B}", "peak_rss_GB", "sample52_ms", "sample52_half_ms", "gflop_step")
+REF_KEY = {"sample52_half_ms": "sample52_ms"}
 
 
 def ratio_table(pairs: list[tuple[dict[str, Any], dict[str, Any]]], B: int) -> str:
@@ -279,10 +299,12 @@ def ratio_table(pairs: list[tuple[dict[str, Any], dict[str, Any]]], B: int) -> s
     for ref, ours in pairs:
         if "error" in ref or "error" in ours:
             continue
-        d = {k: ours[k] / ref[k] for k in keys if ours.get(k) is not None and ref.get(k)}
+        # the reference always draws every sample: both of our 52-sample columns are over its one
+        d = {k: ours[k] / ref[REF_KEY.get(k, k)] for k in keys
+             if ours.get(k) is not None and ref.get(REF_KEY.get(k, k))}
         by_model.setdefault(ours["model"], []).append(d)
-    lines = [f"| ours / reference | step B={B} | peak RSS | 52 samples | GFLOP/step | rounds |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| ours / reference | step B={B} | peak RSS | 52 samples | 52 samples, pi = 1/2 | GFLOP/step | rounds |",
+             "|---|---|---|---|---|---|---|"]
     for m, ds in by_model.items():
         cells = []
         for k in keys:

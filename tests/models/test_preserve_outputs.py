@@ -14,7 +14,10 @@ run on a fixed tiny batch (B = 2, 32x32 pixels, 64x64 for the 7-level PHiSeg pre
 The numbers are stored in ``stored_outputs.json`` next to this file (8 significant digits) and compared with rtol
 1e-5 / atol 1e-6: the same code on another machine (same single thread, ``torch.set_num_threads(1)``) may sum floats
 in another order (other SIMD widths / kernels), so the test does not demand bit equality; a real change of behaviour
-(another init order, another random draw, another formula) moves the numbers far more.
+(another init order, another random draw, another formula) moves the numbers far more. Two outputs are looser:
+``grad_norm`` (rtol 5e-2), the gradient norm of a random-weight network in training mode, which is dominated by a few
+huge entries behind ``exp`` and BatchNorm (PHiSeg's is 4e7) and moved 2.5 % between an AVX2 and an AVX-512 machine
+with the same code, and the loss terms (rtol 1e-3), of which the reference preset's moved 1.3e-4 there.
 
 An intended change of outputs updates the fixture: ``PROSEG_REGEN_STORED=1 python -m pytest -q
 tests/models/test_preserve_outputs.py -p no:cacheprovider`` (rewrites ``stored_outputs.json`` from the current code,
@@ -118,8 +121,15 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL) or (math.isnan(a) and math.isnan(b))
+def _rtol(output: str) -> float:
+    """The relative tolerance of one output (see the module docstring)."""
+    if output == "grad_norm":
+        return 5e-2
+    return 1e-3 if output.startswith("loss") else RTOL
+
+
+def _close(a: float, b: float, rtol: float = RTOL) -> bool:
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=ATOL) or (math.isnan(a) and math.isnan(b))
 
 
 def _compare(key: str, got: dict[str, Any], want: dict[str, Any]) -> list[str]:
@@ -138,7 +148,7 @@ def _compare(key: str, got: dict[str, Any], want: dict[str, Any]) -> list[str]:
         elif k == "num_params":
             if g != w:
                 bad.append(f"{k}: {g} != stored {w}")
-        elif not _close(g, w):
+        elif not _close(g, w, _rtol(k)):
             bad.append(f"{k}: {g!r} != stored {w!r}")
     return bad
 

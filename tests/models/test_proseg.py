@@ -616,3 +616,44 @@ def test_presence_temperature_sharpens_the_presence_draw() -> None:
     assert rates[0.0].tolist() == [0.0, 1.0, 0.0]  # T = 0: present exactly where pi > 1/2
     with pytest.raises(ValueError, match="presence_temperature"):
         tiny(presence_temperature=-1.0)
+
+
+@pytest.mark.parametrize("mode", ["per_rater", "prior_classifier"])
+@pytest.mark.parametrize("share", [False, True])
+def test_absent_samples_are_skipped_and_the_kept_samples_do_not_change(mode: str, share: bool, monkeypatch) -> None:
+    """A (rater, sample) that no image keeps draws no noise and runs no head: the kept samples are exactly the ones
+    drawn when every sample is kept, and the absent ones are the empty mask."""
+    model = tiny(presence=True, diverse_mode=mode).eval()
+    x = torch.randn(3, 1, H, W)
+    R, K = model.num_raters, 7
+    rates = torch.tensor([0.3, 0.7, 0.5])
+    full_gate = model._presence_gate
+
+    def gate_with(keep_all: bool):
+        def fn(feats, raters, shape, generator):
+            g = full_gate(feats, raters, shape, generator)  # the same generator draws as the real gate
+            if keep_all:
+                return torch.ones_like(g)
+            u = torch.rand(g.shape, generator=torch.Generator().manual_seed(9))
+            return (u < (rates[: g.shape[1], None] if g.shape[1] == R else 0.5)).to(g.dtype)
+        return fn
+
+    heads = []
+    real_logits = model._logits
+    monkeypatch.setattr(model, "_logits", lambda z, tau, size: heads.append(z.shape[1]) or real_logits(z, tau, size))
+    outs = {}
+    for keep_all in (True, False):
+        monkeypatch.setattr(model, "_presence_gate", gate_with(keep_all))
+        heads.clear()
+        outs[keep_all] = (model.sample_personalized(x, K, torch.Generator().manual_seed(0), share_latent=share),
+                          model.sample_diverse(x, K, torch.Generator().manual_seed(1), share_latent=share))
+        runs = sum(heads)
+        if keep_all:
+            all_runs = runs
+    assert runs < all_runs  # some samples were skipped
+    for full, gated in zip(outs[True], outs[False], strict=True):
+        kept = gated.flatten(-2).amax(-1) > 0
+        assert bool(kept.any()) and not bool(kept.all())
+        torch.testing.assert_close(gated[kept], full[kept], rtol=0, atol=0)
+    g = gate_with(False)(model._features(x), None, (1, R, K), None)
+    assert torch.equal(outs[False][0].flatten(-2).amax(-1) > 0, (g > 0).expand(3, R, K))

@@ -226,6 +226,25 @@ def _sigmoid_into(dst: Tensor, logits: Tensor) -> None:
         torch.sigmoid(logits, out=dst)
 
 
+def _sigmoid_into_rows(dst: Tensor, idx: slice | Tensor, logits: Tensor) -> None:
+    """``dst[:, idx] = sigmoid(logits)`` for a slice (in place, :func:`_sigmoid_into`) or a long tensor of
+    indices along dim 1 (``index_copy_``)."""
+    if isinstance(idx, slice):
+        _sigmoid_into(dst[:, idx], logits)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        dst.index_copy_(1, idx, torch.sigmoid(logits))
+    else:
+        dst.index_copy_(1, idx, logits.sigmoid_())
+
+
+def _gate(out: Tensor, gate: Tensor) -> Tensor:
+    """``out * gate`` in place where the gate (broadcast against ``out``) still has a 0 over the batch dim 0 that
+    the skip of fully absent samples did not already leave at 0; ``out`` as is otherwise (B = 1)."""
+    if out.shape[0] > 1 and not torch.equal(gate.amax(0), gate.amin(0)):
+        out.mul_(gate)
+    return out
+
+
 def _rows(t: Tensor, rows: Sequence[int]) -> Tensor:
     """``t[rows]``: a plain slice (a view, contiguous) for a run ``0..n-1``, else an index_select."""
     rows = [int(r) for r in rows]
@@ -317,7 +336,9 @@ class SegHead(nn.Module):
         *lead, H, W, C = z.shape
         first = self.layers[0]
         wz, wt = first.weight[:, : self.z_channels], first.weight[:, self.z_channels:]
-        bias = F.linear(tau, wt, first.bias)  # (..., hidden)
+        # tau's part as a product and a sum over D, not a matmul: a GEMM's rounding depends on how many rows it gets,
+        # and a sample must not change with the number of samples it is drawn beside (the chunk size)
+        bias = (tau[..., None, :] * wt).sum(-1) + first.bias  # (..., hidden)
         zt = z.reshape(-1, H * W, C).transpose(1, 2)  # (N, Zc, H*W)
         N = zt.shape[0]
         h = torch.bmm(wz.expand(N, -1, -1), zt)
@@ -888,41 +909,67 @@ class ProSeg(MultiRaterModel):
     def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None,
                            size: Sequence[int], gate: Tensor | None = None) -> Tensor:
         """``mu``/``logvar`` ``(B, R, h, w, Zc)``, ``tau`` ``(B or 1, R, K, D)`` -> ``(B, R, K, H, W)`` probabilities
-        (``size`` = (H, W)), Z ~ N(mu_r, exp(logvar_r)) drawn per sample; Z is broadcast from the per-rater
-        statistics, never gathered. ``gate`` ``(B, R, K)`` in {0, 1} (:meth:`_presence_gate`) empties samples."""
+        (``size`` = (H, W)), Z ~ N(mu_r, exp(logvar_r)) drawn per sample. ``gate`` ``(B, R, K)`` in {0, 1}
+        (:meth:`_presence_gate`) empties samples.
+
+        Without a gate, sample k's noise for all (image, rater) pairs comes from one seed and Z is broadcast from the
+        per-rater statistics, never gathered. With a gate, each (rater, sample) has its own seed, and a (rater,
+        sample) that no image of the batch keeps draws no noise and runs no head: on LIDC about half of the samples
+        are empty, and they cost nothing. The kept samples are exactly what they would be without the skip."""
         B, R = mu.shape[:2]
         H, W = int(size[0]), int(size[1])
         K = tau.shape[2]
-        std = self._sample_std(logvar)[:, :, None]
-        mu = mu[:, :, None]
+        std = self._sample_std(logvar)
         tau = tau.expand(B, R, K, self.tau_dim)
-        out = mu.new_empty(B, R, K, H, W)
-        h, w = mu.shape[3:5]
-        for k0, k1, eps in self._noise_blocks(K, mu[:, :, 0].shape, mu, generator):
+        h, w = mu.shape[2:4]
+        if gate is None:
+            std, mu = std[:, :, None], mu[:, :, None]
+            out = mu.new_empty(B, R, K, H, W)
+            for k, eps in self._noise_blocks(K, mu[:, :, 0].shape, mu, generator):
+                with record_function("proseg.sample.z"):
+                    # in place: the noise (or its fresh f x f spread) becomes Z
+                    z = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w).mul_(std).add_(mu)
+                with record_function("proseg.sample.seg_head"):
+                    _sigmoid_into(out[:, :, k], self._logits(z, tau[:, :, k], (H, W)))
+            return out
+        zc = self.z_channels
+        std_mu = torch.cat([std, mu], -1)  # (B, R, h, w, 2Zc): one gather per run of samples
+        tau = tau.reshape(B, R * K, self.tau_dim)
+        out = mu.new_zeros(B, R, K, H, W)
+        flat = out.view(B, R * K, H, W)
+        keep = gate.amax(0).flatten() > 0  # (R K,), rater-major
+        for idx, eps in self._noise_blocks(R * K, mu[:, 0].shape, mu, generator, keep):
             with record_function("proseg.sample.z"):
-                # in place: the noise (or its fresh f x f spread) becomes Z
-                z = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w).mul_(std).add_(mu)
+                sm = std_mu.index_select(1, torch.div(idx, K, rounding_mode="floor"))  # (B, n, h, w, 2Zc)
+                z = self._spread(eps.transpose(0, 1), h, w).mul_(sm[..., :zc]).add_(sm[..., zc:])
             with record_function("proseg.sample.seg_head"):
-                _sigmoid_into(out[:, :, k0:k1], self._logits(z, tau[:, :, k0:k1], (H, W)))
-        return out if gate is None else out.mul_(gate[..., None, None])
+                _sigmoid_into_rows(flat, idx, self._logits(z, tau.index_select(1, idx), (H, W)))
+        return _gate(out, gate[..., None, None])
 
-    def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor,
-                      generator: torch.Generator | None) -> Iterator[tuple[int, int, Tensor]]:
-        """Yield ``(k0, k1, eps)`` over K samples in runs whose Z (one sample: ``zshape`` ``(..., h, w, Zc)``) is
-        L2-sized (:meth:`_chunks`); ``eps`` ``(k1 - k0, *noise_shape)`` standard normals in ``like``'s dtype and
-        device (:meth:`_noise_shape`: at ``z_noise_scale``). Sample k is drawn from its own seed
-        (:func:`normal_from_seeds`), so the samples never depend on the chunking or the thread count; with more
-        than one CPU thread the draws of up to 8 MiB of samples at a time run in parallel."""
+    def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor, generator: torch.Generator | None,
+                      keep: Tensor | None = None) -> Iterator[tuple[slice | Tensor, Tensor]]:
+        """Yield ``(idx, eps)`` over K samples in runs whose Z (one sample: ``zshape`` ``(..., h, w, Zc)``) is
+        L2-sized (:meth:`_chunks`); ``eps`` ``(n, *noise_shape)`` standard normals in ``like``'s dtype and device
+        (:meth:`_noise_shape`: at ``z_noise_scale``) for the samples ``idx``: a ``slice`` of ``0..K-1``, or with
+        ``keep`` (``(K,)`` bool) a long tensor of the kept samples only (the others draw nothing). Sample k is drawn
+        from its own seed (:func:`normal_from_seeds`; the seeds of all K are drawn), so the samples never depend on
+        the chunking, the thread count or which other samples are kept; with more than one CPU thread the draws of
+        up to 8 MiB of samples at a time run in parallel."""
         shape, numel = self._noise_shape(zshape), math.prod(zshape)
         with record_function("proseg.sample.z"):
             seeds = sample_seeds(K, generator, like)
+        order = None
+        if keep is not None:
+            order = keep.nonzero()[:, 0]
+            seeds = [seeds[i] for i in order.tolist()]
         device = generator.device if generator is not None else like.device
         parallel = device.type == "cpu" and torch.get_num_threads() > 1  # else draw each run where it is used
-        for b0, b1 in self._chunks(K, numel, budget=1 << 21 if parallel else 1 << 18):
+        for b0, b1 in self._chunks(len(seeds), numel, budget=1 << 21 if parallel else 1 << 18):
             with record_function("proseg.sample.z"):
                 eps = normal_from_seeds(seeds[b0:b1], shape, like, device)
             for k0, k1 in self._chunks(b1 - b0, numel):
-                yield b0 + k0, b0 + k1, eps[k0:k1]
+                a, b = b0 + k0, b0 + k1
+                yield (slice(a, b) if order is None else order[a:b]), eps[k0:k1]
 
     @staticmethod
     def _chunks(K: int, per_sample: int, budget: int = 1 << 18) -> list[tuple[int, int]]:
@@ -979,15 +1026,17 @@ class ProSeg(MultiRaterModel):
         zc = self.z_channels
         std_mu = torch.cat([self._sample_std(logvar), mu], -1)  # (B, R, H, W, 2Zc): one gather per chunk
         bidx = torch.arange(B, device=mu.device)[:, None]
-        out = mu.new_empty(B, K, *size)
+        # a sample that no image keeps draws no noise and runs no head (:meth:`_per_rater_samples`)
+        keep = None if gate is None else gate[:, 0].amax(0) > 0
+        out = mu.new_empty(B, K, *size) if gate is None else mu.new_zeros(B, K, *size)
         h, w = mu.shape[2:4]
-        for k0, k1, eps in self._noise_blocks(K, mu[:, 0].shape, mu, generator):
+        for idx, eps in self._noise_blocks(K, mu[:, 0].shape, mu, generator, keep):
             with record_function("proseg.sample.z"):
-                sm = std_mu[bidx, rater[:, k0:k1]]  # (B, k, H, W, 2Zc)
+                sm = std_mu[bidx, rater[:, idx]]  # (B, k, H, W, 2Zc)
                 z = self._spread(eps.transpose(0, 1), h, w).mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
-                _sigmoid_into(out[:, k0:k1], self._logits(z, tau[:, k0:k1], size))
-        return out if gate is None else out.mul_(gate[:, 0, :, None, None])
+                _sigmoid_into_rows(out, idx, self._logits(z, tau[:, idx], size))
+        return out if gate is None else _gate(out, gate[:, 0, :, None, None])
 
     # --- optimisation ---------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
