@@ -618,6 +618,21 @@ def test_presence_temperature_sharpens_the_presence_draw() -> None:
         tiny(presence_temperature=-1.0)
 
 
+def test_presence_bias_shifts_the_logit_before_the_temperature() -> None:
+    x = torch.randn(2, 1, H, W)
+    model = tiny(presence=True, presence_temperature=0.0, presence_bias=-1.0).eval()
+    with torch.no_grad():
+        model.head.last.bias.fill_(20.0)
+    _set_presence(model, [0.5, 1.5, -0.5])  # with b = -1 at T = 0: absent, present, absent
+    p = model.sample_personalized(x, 8, torch.Generator().manual_seed(0))
+    assert (p.flatten(3).amax(-1) == 0).float().mean((0, 2)).tolist() == [1.0, 0.0, 1.0]
+    model.presence_temperature, model.presence_bias = 1.0, -0.5  # pi = sigmoid(0) = 1/2 for rater 0
+    e = model.sample_personalized(x, 600, torch.Generator().manual_seed(1)).flatten(3).amax(-1) == 0
+    assert abs(float(e[:, 0].float().mean()) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="presence_bias"):
+        tiny(presence_bias=float("nan"))
+
+
 @pytest.mark.parametrize("mode", ["per_rater", "prior_classifier"])
 @pytest.mark.parametrize("share", [False, True])
 def test_absent_samples_are_skipped_and_the_kept_samples_do_not_change(mode: str, share: bool, monkeypatch) -> None:
