@@ -219,7 +219,7 @@ def floors_and_ceiling(args: argparse.Namespace, store: Any, k: int) -> list[dic
     records: list[dict[str, Any]] = []
     for case_id, rows in test_cases(store, args.fold, args.max_test_cases, args.test_stride, args.split):
         masks = torch.from_numpy(np.array(store.masks[np.sort(rows)], dtype=bool))  # (D, R, H, W)
-        present = np.asarray(store.rater_present[rows[0]], dtype=bool)
+        present = np.array(store.rater_present[rows[0]], dtype=bool)  # a writable copy: torch indexes with it
         labels = masks[:, present].permute(1, 0, 2, 3)  # (N, D, H, W)
         if labels.shape[1] == 1:
             labels = labels[:, 0]
