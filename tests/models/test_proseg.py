@@ -672,3 +672,17 @@ def test_absent_samples_are_skipped_and_the_kept_samples_do_not_change(mode: str
         torch.testing.assert_close(gated[kept], full[kept], rtol=0, atol=0)
     g = gate_with(False)(model._features(x), None, (1, R, K), None)
     assert torch.equal(outs[False][0].flatten(-2).amax(-1) > 0, (g > 0).expand(3, R, K))
+
+
+def test_the_presence_path_uses_each_raters_own_statistics() -> None:
+    """With Z at its mean (z_temperature=0) a sample is the head on (mu_r, tau): the presence path, which splits its
+    runs of samples at rater boundaries, must give exactly what the plain broadcast path gives."""
+    model = tiny(presence=True, diverse_mode="per_rater", z_temperature=0.0).eval()
+    _set_presence(model, [30.0, 30.0, 30.0])  # every sample drawn
+    x = torch.randn(2, 1, H, W)
+    with torch.no_grad():
+        gated = model.sample_personalized(x, 5, torch.Generator().manual_seed(0))
+        head, model.presence_head = model.presence_head, None
+        plain = model.sample_personalized(x, 5, torch.Generator().manual_seed(0))
+        model.presence_head = head
+    torch.testing.assert_close(gated, plain, rtol=0, atol=0)

@@ -942,29 +942,29 @@ class ProSeg(MultiRaterModel):
                 with record_function("proseg.sample.seg_head"):
                     _sigmoid_into(out[:, :, k], self._logits(z, tau[:, :, k], (H, W)))
             return out
-        zc = self.z_channels
-        std_mu = torch.cat([std, mu], -1)  # (B, R, h, w, 2Zc): one gather per run of samples
         tau = tau.reshape(B, R * K, self.tau_dim)
         out = mu.new_zeros(B, R, K, H, W)
         flat = out.view(B, R * K, H, W)
         keep = gate.amax(0).flatten() > 0  # (R K,), rater-major
-        for idx, eps in self._noise_blocks(R * K, mu[:, 0].shape, mu, generator, keep):
+        # runs never cross a rater (group = K samples), so each run's Z is broadcast from one rater's statistics
+        for idx, eps in self._noise_blocks(R * K, mu[:, 0].shape, mu, generator, keep, group=K):
+            r = int(idx[0]) // K
             with record_function("proseg.sample.z"):
-                sm = std_mu.index_select(1, torch.div(idx, K, rounding_mode="floor"))  # (B, n, h, w, 2Zc)
-                z = self._spread(eps.transpose(0, 1), h, w).mul_(sm[..., :zc]).add_(sm[..., zc:])
+                z = self._spread(eps.transpose(0, 1), h, w).mul_(std[:, r, None]).add_(mu[:, r, None])
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into_rows(flat, idx, self._logits(z, tau.index_select(1, idx), (H, W)))
         return _gate(out, gate[..., None, None])
 
     def _noise_blocks(self, K: int, zshape: Sequence[int], like: Tensor, generator: torch.Generator | None,
-                      keep: Tensor | None = None) -> Iterator[tuple[slice | Tensor, Tensor]]:
+                      keep: Tensor | None = None, group: int = 0) -> Iterator[tuple[slice | Tensor, Tensor]]:
         """Yield ``(idx, eps)`` over K samples in runs whose Z (one sample: ``zshape`` ``(..., h, w, Zc)``) is
         L2-sized (:meth:`_chunks`); ``eps`` ``(n, *noise_shape)`` standard normals in ``like``'s dtype and device
         (:meth:`_noise_shape`: at ``z_noise_scale``) for the samples ``idx``: a ``slice`` of ``0..K-1``, or with
         ``keep`` (``(K,)`` bool) a long tensor of the kept samples only (the others draw nothing). Sample k is drawn
         from its own seed (:func:`normal_from_seeds`; the seeds of all K are drawn), so the samples never depend on
         the chunking, the thread count or which other samples are kept; with more than one CPU thread the draws of
-        up to 8 MiB of samples at a time run in parallel."""
+        up to 8 MiB of samples at a time run in parallel. ``group`` > 0: no yielded run crosses a multiple of
+        ``group`` (the samples ``g * group .. (g + 1) * group - 1`` share their statistics)."""
         shape, numel = self._noise_shape(zshape), math.prod(zshape)
         with record_function("proseg.sample.z"):
             seeds = sample_seeds(K, generator, like)
@@ -979,7 +979,16 @@ class ProSeg(MultiRaterModel):
                 eps = normal_from_seeds(seeds[b0:b1], shape, like, device)
             for k0, k1 in self._chunks(b1 - b0, numel):
                 a, b = b0 + k0, b0 + k1
-                yield (slice(a, b) if order is None else order[a:b]), eps[k0:k1]
+                if order is None:
+                    yield slice(a, b), eps[k0:k1]
+                    continue
+                idx = order[a:b]
+                if group:  # split the run where its samples change group
+                    cuts = ((idx[1:] // group != idx[:-1] // group).nonzero()[:, 0] + 1).tolist()
+                    for c0, c1 in zip([0, *cuts], [*cuts, b - a], strict=True):
+                        yield idx[c0:c1], eps[k0 + c0:k0 + c1]
+                else:
+                    yield idx, eps[k0:k1]
 
     @staticmethod
     def _chunks(K: int, per_sample: int, budget: int = 1 << 18) -> list[tuple[int, int]]:
