@@ -237,6 +237,15 @@ def _sigmoid_into_rows(dst: Tensor, idx: slice | Tensor, logits: Tensor) -> None
         dst.index_copy_(1, idx, logits.sigmoid_())
 
 
+def _affine(eps: Tensor, std: Tensor, mu: Tensor) -> Tensor:
+    """``Z = eps * std + mu``: in place on the noise buffer when no graph is recorded (sampling); out of place with
+    one (``sample_*(grad=True)``), where the runs of samples are views of one noise block and an in-place write into
+    one would invalidate what the graph saved of another."""
+    if torch.is_grad_enabled() and (std.requires_grad or mu.requires_grad):
+        return torch.addcmul(mu, eps, std)
+    return eps.mul_(std).add_(mu)
+
+
 def _gate(out: Tensor, gate: Tensor) -> Tensor:
     """``out * gate`` in place where the gate (broadcast against ``out``) still has a 0 over the batch dim 0 that
     the skip of fully absent samples did not already leave at 0; ``out`` as is otherwise (B = 1)."""
@@ -938,7 +947,7 @@ class ProSeg(MultiRaterModel):
             for k, eps in self._noise_blocks(K, mu[:, :, 0].shape, mu, generator):
                 with record_function("proseg.sample.z"):
                     # in place: the noise (or its fresh f x f spread) becomes Z
-                    z = self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w).mul_(std).add_(mu)
+                    z = _affine(self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w), std, mu)
                 with record_function("proseg.sample.seg_head"):
                     _sigmoid_into(out[:, :, k], self._logits(z, tau[:, :, k], (H, W)))
             return out
@@ -950,7 +959,7 @@ class ProSeg(MultiRaterModel):
         for idx, eps in self._noise_blocks(R * K, mu[:, 0].shape, mu, generator, keep, group=K):
             r = int(idx[0]) // K
             with record_function("proseg.sample.z"):
-                z = self._spread(eps.transpose(0, 1), h, w).mul_(std[:, r, None]).add_(mu[:, r, None])
+                z = _affine(self._spread(eps.transpose(0, 1), h, w), std[:, r, None], mu[:, r, None])
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into_rows(flat, idx, self._logits(z, tau.index_select(1, idx), (H, W)))
         return _gate(out, gate[..., None, None])
@@ -1052,7 +1061,7 @@ class ProSeg(MultiRaterModel):
         for idx, eps in self._noise_blocks(K, mu[:, 0].shape, mu, generator, keep):
             with record_function("proseg.sample.z"):
                 sm = std_mu[bidx, rater[:, idx]]  # (B, k, H, W, 2Zc)
-                z = self._spread(eps.transpose(0, 1), h, w).mul_(sm[..., :zc]).add_(sm[..., zc:])  # (B, k, H, W, Zc)
+                z = _affine(self._spread(eps.transpose(0, 1), h, w), sm[..., :zc], sm[..., zc:])  # (B, k, H, W, Zc)
             with record_function("proseg.sample.seg_head"):
                 _sigmoid_into_rows(out, idx, self._logits(z, tau[:, idx], size))
         return out if gate is None else _gate(out, gate[:, 0, :, None, None])
