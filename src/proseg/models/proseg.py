@@ -946,7 +946,7 @@ class ProSeg(MultiRaterModel):
             out = mu.new_empty(B, R, K, H, W)
             for k, eps in self._noise_blocks(K, mu[:, :, 0].shape, mu, generator):
                 with record_function("proseg.sample.z"):
-                    # in place: the noise (or its fresh f x f spread) becomes Z
+                    # without a graph the noise (or its fresh f x f spread) becomes Z in place
                     z = _affine(self._spread(eps.permute(1, 2, 0, 3, 4, 5), h, w), std, mu)
                 with record_function("proseg.sample.seg_head"):
                     _sigmoid_into(out[:, :, k], self._logits(z, tau[:, :, k], (H, W)))
@@ -972,8 +972,8 @@ class ProSeg(MultiRaterModel):
         ``keep`` (``(K,)`` bool) a long tensor of the kept samples only (the others draw nothing). Sample k is drawn
         from its own seed (:func:`normal_from_seeds`; the seeds of all K are drawn), so the samples never depend on
         the chunking, the thread count or which other samples are kept; with more than one CPU thread the draws of
-        up to 8 MiB of samples at a time run in parallel. ``group`` > 0: no yielded run crosses a multiple of
-        ``group`` (the samples ``g * group .. (g + 1) * group - 1`` share their statistics)."""
+        up to 8 MiB of samples at a time run in parallel. ``group`` > 0 (with ``keep``): no yielded run crosses a
+        multiple of ``group`` (the samples ``g * group .. (g + 1) * group - 1`` share their statistics)."""
         shape, numel = self._noise_shape(zshape), math.prod(zshape)
         with record_function("proseg.sample.z"):
             seeds = sample_seeds(K, generator, like)
