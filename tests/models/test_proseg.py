@@ -418,7 +418,7 @@ def test_z_temperature_scales_only_the_sampling_spread() -> None:
 def test_checkpoints_of_the_former_defaults_still_load(tmp_path, generation: str) -> None:
     """model.json files of the first sessions named only the call (name, C, R, preset); the first generation's
     default was full resolution without presence, the second's half resolution (its files also pin scale,
-    scale_head, diverse_mode, z_noise_scale) without presence."""
+    scale_head, diverse_mode, z_noise_scale) without presence; both drew Z's noise pixel by pixel."""
     import json
 
     from proseg.errors import ProsegWarning
@@ -427,10 +427,10 @@ def test_checkpoints_of_the_former_defaults_still_load(tmp_path, generation: str
     torch.manual_seed(0)
     if generation == "first":
         old = create_model("proseg", in_channels=1, num_raters=2, scale=1, diverse_mode="prior_classifier",
-                           presence=False)
+                           presence=False, z_noise_scale=1)
         pinned: dict = {}
     else:
-        old = create_model("proseg", in_channels=1, num_raters=2, presence=False)
+        old = create_model("proseg", in_channels=1, num_raters=2, presence=False, z_noise_scale=1)
         pinned = {"scale": 2, "scale_head": "smooth", "diverse_mode": "per_rater", "z_noise_scale": 1}
     save_model(old, tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
@@ -440,6 +440,7 @@ def test_checkpoints_of_the_former_defaults_still_load(tmp_path, generation: str
     with pytest.warns(ProsegWarning, match="former defaults"):
         back = load_model(tmp_path / "ckpt")
     assert back.presence is False and back.scale == old.scale and back.diverse_mode == old.diverse_mode
+    assert back.z_noise_scale == 1
     x = torch.randn(1, 1, H, W)
     torch.testing.assert_close(back.sample_diverse(x, 3, torch.Generator().manual_seed(0)),
                                old.sample_diverse(x, 3, torch.Generator().manual_seed(0)))

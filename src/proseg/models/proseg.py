@@ -424,6 +424,7 @@ _REFERENCE: dict[str, Any] = {
     "z_logvar_init": None,
     "scale": 1,
     "presence": False,  # the reference has no presence head
+    "z_noise_scale": 1,  # its Z is drawn pixel by pixel
 }
 #: the ``default`` backbone configuration (read-only: a constructor default)
 _DEFAULT_BACKBONE_CFG: Mapping[str, Any] = MappingProxyType({"widths": (16, 32, 64, 128)})
@@ -485,7 +486,9 @@ class ProSeg(MultiRaterModel):
             of latent pixels (drawn at ``ceil(h/f) x ceil(w/f)``, nearest-upsampled, cropped), in training and
             sampling alike. Every pixel's marginal stays ``N(mu, std^2)`` (the KL term is unchanged), but
             neighbouring pixels move together, so one draw can shift a stretch of boundary instead of flickering
-            pixel by pixel, and a sample costs f^2 fewer normals. 1 = pixel-wise noise.
+            pixel by pixel, and a sample costs f^2 fewer normals. 1 = pixel-wise noise. The default 2 was chosen on
+            the validation parts (docs/results.md): level with 1 on LIDC, better on QUBIQ, and 52 samples cost
+            about 0.7x (the normals were a third of them).
         presence: model whether each rater drew anything, the discrete part of the ambiguity: a presence head
             (:class:`PresenceHead`, ``presence_hidden`` channels) predicts ``pi_r(x) = p(y_r not empty | x)`` and is
             trained with binary cross-entropy (weight ``presence_weight``; plus the pixel-wise BCE of its per-rater map
@@ -515,6 +518,7 @@ class ProSeg(MultiRaterModel):
     #: the constructor's former defaults, newest change first: a model.json written before a change names none of
     #: its arguments, and load_model rebuilds it with them (cumulatively: a file older than both changes gets both)
     LEGACY_DEFAULTS = (
+        {"z_noise_scale": 1},  # before the fifth session of 2026-12-02: pixel-wise noise (files older than presence)
         {"presence": False},  # before the third session of 2026-12-02: no presence head
         {"scale": 1, "diverse_mode": "prior_classifier"},  # before 2026-12-02: full resolution, the paper's mode
     )
@@ -525,7 +529,8 @@ class ProSeg(MultiRaterModel):
         # hyper-parameters with a small U-Net backbone, the light reconstruction decoder instead of a second
         # ResNet-34 U-Net, prior variance 1, one rater per image and step, q(Z|x,r) started narrow (logvar -4),
         # everything after the input at half resolution (scale 2: space-to-depth in, a smooth full-resolution
-        # logit head out) and the reference's per-rater diverse split; about a sixteenth of the reference's step.
+        # logit head out), Z's noise shared over 2x2 latent pixels, a presence head and the reference's per-rater
+        # diverse split; about a sixteenth of the reference's step.
         "default": {},
         "tiny": {
             **_REFERENCE,
@@ -586,7 +591,7 @@ class ProSeg(MultiRaterModel):
         train_samples: int = 1,
         es_weight: float = 0.0,
         z_temperature: float = 1.0,
-        z_noise_scale: int = 1,
+        z_noise_scale: int = 2,
         presence: bool = True,
         presence_hidden: int = 16,
         presence_weight: float = 1.0,
