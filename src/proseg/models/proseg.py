@@ -518,7 +518,7 @@ class ProSeg(MultiRaterModel):
     #: the constructor's former defaults, newest change first: a model.json written before a change names none of
     #: its arguments, and load_model rebuilds it with them (cumulatively: a file older than both changes gets both)
     LEGACY_DEFAULTS = (
-        {"z_noise_scale": 1},  # before the fifth session of 2026-12-02: pixel-wise noise (files older than presence)
+        {"z_noise_scale": 1},  # before the fifth session of 2026-12-02: pixel-wise Z noise
         {"presence": False},  # before the third session of 2026-12-02: no presence head
         {"scale": 1, "diverse_mode": "prior_classifier"},  # before 2026-12-02: full resolution, the paper's mode
     )
