@@ -488,7 +488,7 @@ class ProSeg(MultiRaterModel):
             neighbouring pixels move together, so one draw can shift a stretch of boundary instead of flickering
             pixel by pixel, and a sample costs f^2 fewer normals. 1 = pixel-wise noise. The default 2 was chosen on
             the validation parts (docs/results.md): level with 1 on LIDC, better on QUBIQ, and 52 samples cost
-            about 0.7x (the normals were a third of them).
+            0.84-0.88x (same-process A/B; the normals were a third of them).
         presence: model whether each rater drew anything, the discrete part of the ambiguity: a presence head
             (:class:`PresenceHead`, ``presence_hidden`` channels) predicts ``pi_r(x) = p(y_r not empty | x)`` and is
             trained with binary cross-entropy (weight ``presence_weight``; plus the pixel-wise BCE of its per-rater map
