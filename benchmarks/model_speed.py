@@ -40,7 +40,9 @@ The row ``backbone:resnet34_unet`` is a calibration point: a plain smp-style Res
 and BCE (the issue's "plain ResNet-34 U-Net step"), so times can be compared across machines as ratios. With it and
 ``proseg:reference`` in one run, a last line prints the preset's step over two such U-Nets (its compute floor:
 the backbone and the reconstruction decoder are each one); FlopCounterMode over-counts the preset's grouped
-convolutions' backward, so its GFLOP ratio is an upper bound.
+convolutions' backward, so its GFLOP ratio is an upper bound. The two rows are timed in different subprocesses,
+minutes apart, which on a shared machine moves the ratio by 20 % or more: ``benchmarks/preset_floor.py`` times the
+two in turns in one process and prints the preset against its FLOP floor (the number to report).
 
 The machine is shared: check ``uptime`` and report the load next to the numbers.
 """
