@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,31 +57,30 @@ def main(argv: list[str] | None = None) -> int:
              "masks": (torch.rand(B, R, S, S, generator=g) > 0.5).float(),
              "present": torch.ones(B, R, dtype=torch.bool)}
     torch.manual_seed(0)
-    models: dict[str, Any] = {
-        "plain ResNet-34 U-Net": _PlainSegmenter("resnet34_unet", 1),
-        "proseg reference preset": create_model("proseg", preset="reference", in_channels=1, num_raters=R),
+    plain = _PlainSegmenter("resnet34_unet", 1)
+    preset_model = create_model("proseg", preset="reference", in_channels=1, num_raters=R)
+    unet, preset = "plain ResNet-34 U-Net", "proseg reference preset"
+    models: dict[str, Any] = {unet: plain, preset: preset_model}
+    # one training loss per model, from a step's seed (the plain U-Net's has no randomness)
+    losses: dict[str, Callable[[int], Any]] = {
+        unet: lambda seed: plain.loss(batch)["loss"],
+        preset: lambda seed: preset_model.loss(batch, torch.Generator().manual_seed(seed))["loss"],
     }
 
-    def loss(name: str, model: Any, seed: int) -> Any:
-        if name.startswith("plain"):
-            return model.loss(batch)["loss"]
-        return model.loss(batch, torch.Generator().manual_seed(seed))["loss"]
-
     fwd_flops = {}
-    for name, model in models.items():
+    for name in models:
         with FlopCounterMode(display=False) as fc:
-            loss(name, model, 0)
+            losses[name](0)
         fwd_flops[name] = fc.get_total_flops()
-    unet, preset = models
     floor_factor = fwd_flops[preset] / (2 * fwd_flops[unet])
 
     optims = {name: torch.optim.Adam(m.parameters(), 1e-4) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(args.pairs + 1):
-        for name, model in models.items():
+        for name in models:
             t = time.perf_counter()
             optims[name].zero_grad(set_to_none=True)
-            loss(name, model, i).backward()
+            losses[name](i).backward()
             optims[name].step()
             if i:  # the first pair is the warm-up
                 times[name].append(time.perf_counter() - t)
