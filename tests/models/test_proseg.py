@@ -414,6 +414,28 @@ def test_z_temperature_scales_only_the_sampling_spread() -> None:
         tiny(z_temperature=-1.0)
 
 
+def test_personalized_z_temperature_changes_only_the_personalized_samples() -> None:
+    """personalized_z_temperature=T draws the personalized samples of a z_temperature=T model and the diverse samples
+    of the model without it (same weights, same generator seeds)."""
+    base = tiny(presence=True, diverse_mode="per_rater").eval()
+    cold = tiny(presence=True, diverse_mode="per_rater", z_temperature=0.0).eval()
+    split = tiny(presence=True, diverse_mode="per_rater", personalized_z_temperature=0.0).eval()
+    for m in (cold, split):
+        m.load_state_dict(base.state_dict())
+    x = batch()["image"]
+
+    def draw(m: ProSeg, mode: str) -> torch.Tensor:
+        with torch.no_grad():
+            return getattr(m, f"sample_{mode}")(x, 6, torch.Generator().manual_seed(3))
+
+    torch.testing.assert_close(draw(split, "personalized"), draw(cold, "personalized"), rtol=0, atol=0)
+    torch.testing.assert_close(draw(split, "diverse"), draw(base, "diverse"), rtol=0, atol=0)
+    assert not torch.equal(draw(split, "personalized"), draw(base, "personalized"))
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="personalized_z_temperature"):
+            tiny(personalized_z_temperature=bad)
+
+
 @pytest.mark.parametrize("generation", ["first", "second"])
 def test_checkpoints_of_the_former_defaults_still_load(tmp_path, generation: str) -> None:
     """model.json files of the first sessions named only the call (name, C, R, preset); the first generation's

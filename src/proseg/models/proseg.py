@@ -510,11 +510,15 @@ class ProSeg(MultiRaterModel):
             posterior's standard deviation in every sampling call (0 = the posterior mean). An inference-time
             argument (``INFERENCE_ARGS``): ``proseg evaluate --model-arg z_temperature=2`` changes it on a trained
             checkpoint, so it can be chosen on the validation part.
+        personalized_z_temperature: inference only: the Z temperature of :meth:`sample_personalized` (None = the
+            same ``z_temperature`` as every other sampling call). A model whose Z spreads a rater's boundary (the
+            energy score) can keep its diverse samples wide and still give each rater a sharp personalized output.
     """
 
     supports_personalized = True
     supports_diverse = True
-    INFERENCE_ARGS = ("diverse_mode", "diverse_rater", "z_temperature", "presence_temperature", "presence_bias")
+    INFERENCE_ARGS = ("diverse_mode", "diverse_rater", "z_temperature", "personalized_z_temperature",
+                      "presence_temperature", "presence_bias")
     #: the constructor's former defaults, newest change first: a model.json written before a change names none of
     #: its arguments, and load_model rebuilds it with them (cumulatively: a file older than both changes gets both)
     LEGACY_DEFAULTS = (
@@ -591,6 +595,7 @@ class ProSeg(MultiRaterModel):
         train_samples: int = 1,
         es_weight: float = 0.0,
         z_temperature: float = 1.0,
+        personalized_z_temperature: float | None = None,
         z_noise_scale: int = 2,
         presence: bool = True,
         presence_hidden: int = 16,
@@ -613,6 +618,12 @@ class ProSeg(MultiRaterModel):
         if not (math.isfinite(z_temperature) and z_temperature >= 0):
             raise ValueError(f"z_temperature must be a finite number >= 0, got {z_temperature!r}")
         self.z_temperature = float(z_temperature)
+        if personalized_z_temperature is not None and not (
+                math.isfinite(personalized_z_temperature) and personalized_z_temperature >= 0):
+            raise ValueError(f"personalized_z_temperature must be None or a finite number >= 0, "
+                             f"got {personalized_z_temperature!r}")
+        self.personalized_z_temperature = (None if personalized_z_temperature is None
+                                           else float(personalized_z_temperature))
         if int(z_noise_scale) != z_noise_scale or z_noise_scale < 1:
             raise ValueError(f"z_noise_scale must be an integer >= 1, got {z_noise_scale!r}")
         self.z_noise_scale = int(z_noise_scale)
@@ -852,10 +863,11 @@ class ProSeg(MultiRaterModel):
             x = x.reshape(B, self.num_raters, self.in_channels, H, W)
         return x
 
-    def _sample_std(self, logvar: Tensor) -> Tensor:
-        """The standard deviation of Z at inference: ``z_temperature * exp(logvar / 2)``."""
+    def _sample_std(self, logvar: Tensor, temperature: float | None = None) -> Tensor:
+        """The standard deviation of Z at inference: ``temperature * exp(logvar / 2)`` (None: ``z_temperature``)."""
+        t = self.z_temperature if temperature is None else temperature
         std = torch.exp(0.5 * logvar)
-        return std if self.z_temperature == 1.0 else std.mul_(self.z_temperature)
+        return std if t == 1.0 else std.mul_(t)
 
     def _noise_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The shape of the noise behind a Z of ``shape`` ``(..., h, w, Zc)``: ``(..., ceil(h/f), ceil(w/f), Zc)``."""
@@ -903,7 +915,8 @@ class ProSeg(MultiRaterModel):
         share_latent: bool = False,
         raters: Sequence[int] | None = None,
     ) -> Tensor:
-        """tau ~ q(tau|r), Z ~ q(Z|x,r) for every rater r: ``(B, R, K, H, W)`` probabilities.
+        """tau ~ q(tau|r), Z ~ q(Z|x,r) for every rater r: ``(B, R, K, H, W)`` probabilities (Z's spread at
+        ``personalized_z_temperature`` when it is set).
 
         The backbone and the R statistic heads run once per image; each extra sample costs one Z draw and the 1x1
         head. ``share_latent=True`` draws tau once per (rater, sample) for the whole batch. ``raters``: only these
@@ -928,13 +941,15 @@ class ProSeg(MultiRaterModel):
             tau = sample_dirichlet(conc[None, :, None].expand(lead, R, K, self.tau_dim).contiguous(), generator)
         cols = None if subset is None else torch.as_tensor(subset, device=mu.device)[None, :, None].expand(B, R, K)
         gate = self._presence_gate(feats, cols, (lead, R, K), generator)
-        return self._per_rater_samples(mu, logvar, tau, generator, images.shape[-2:], gate)
+        return self._per_rater_samples(mu, logvar, tau, generator, images.shape[-2:], gate,
+                                       self.personalized_z_temperature)
 
     def _per_rater_samples(self, mu: Tensor, logvar: Tensor, tau: Tensor, generator: torch.Generator | None,
-                           size: Sequence[int], gate: Tensor | None = None) -> Tensor:
+                           size: Sequence[int], gate: Tensor | None = None,
+                           temperature: float | None = None) -> Tensor:
         """``mu``/``logvar`` ``(B, R, h, w, Zc)``, ``tau`` ``(B or 1, R, K, D)`` -> ``(B, R, K, H, W)`` probabilities
         (``size`` = (H, W)), Z ~ N(mu_r, exp(logvar_r)) drawn per sample. ``gate`` ``(B, R, K)`` in {0, 1}
-        (:meth:`_presence_gate`) empties samples.
+        (:meth:`_presence_gate`) empties samples. ``temperature``: Z's (:meth:`_sample_std`).
 
         Without a gate, sample k's noise for all (image, rater) pairs comes from one seed and Z is broadcast from the
         per-rater statistics, never gathered. With a gate, each (rater, sample) has its own seed, and a (rater,
@@ -943,7 +958,7 @@ class ProSeg(MultiRaterModel):
         B, R = mu.shape[:2]
         H, W = int(size[0]), int(size[1])
         K = tau.shape[2]
-        std = self._sample_std(logvar)
+        std = self._sample_std(logvar, temperature)
         tau = tau.expand(B, R, K, self.tau_dim)
         h, w = mu.shape[2:4]
         if gate is None:
