@@ -436,6 +436,36 @@ def test_personalized_z_temperature_changes_only_the_personalized_samples() -> N
             tiny(personalized_z_temperature=bad)
 
 
+def test_mask_posterior_starts_at_the_prior_and_sampling_ignores_it() -> None:
+    """z_posterior="mask": q(Z|x,r,y) starts equal to p(Z|x,r) (KL 0, the same draws and terms as "rater"), the KL
+    term is KL(q || p) once q moved, every parameter gets a gradient, and sampling uses p alone."""
+    b = batch()
+    plain, cvae = tiny(presence=True), tiny(presence=True, z_posterior="mask")
+    shared = {k: v for k, v in cvae.state_dict().items() if not k.startswith("posterior.")}
+    plain.load_state_dict(shared)
+    lp, lc = plain.loss(b, torch.Generator().manual_seed(0)), cvae.loss(b, torch.Generator().manual_seed(0))
+    assert float(lc["kl_z"].detach()) == 0.0 and float(lp["kl_z"].detach()) > 0
+    for key in ("seg", "kl_tau", "ce", "recon", "presence"):
+        torch.testing.assert_close(lc[key], lp[key], rtol=0, atol=0)
+    lc["loss"].backward()
+    assert all(p.grad is not None for p in cvae.parameters())
+    last = cvae.posterior.net[-1]
+    assert float(last.weight.grad.abs().sum()) > 0  # the posterior's output layer learns from the mask
+    with torch.no_grad():  # move q away from p: the KL term is then positive
+        last.bias.fill_(0.5)
+    assert float(cvae.loss(b, torch.Generator().manual_seed(0))["kl_z"].detach()) > 0
+    x = b["image"]
+    # the same weights and batch-norm statistics (each loss call in train mode moved cvae's)
+    plain.load_state_dict({k: v for k, v in cvae.state_dict().items() if not k.startswith("posterior.")})
+    for mode in ("personalized", "diverse"):
+        with torch.no_grad():
+            got = getattr(cvae.eval(), f"sample_{mode}")(x, 4, torch.Generator().manual_seed(2))
+            want = getattr(plain.eval(), f"sample_{mode}")(x, 4, torch.Generator().manual_seed(2))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="z_posterior"):
+        tiny(z_posterior="image")
+
+
 @pytest.mark.parametrize("generation", ["first", "second"])
 def test_checkpoints_of_the_former_defaults_still_load(tmp_path, generation: str) -> None:
     """model.json files of the first sessions named only the call (name, C, R, preset); the first generation's

@@ -314,6 +314,33 @@ class PresenceHead(nn.Module):
         return m, m.flatten(2).amax(-1) * self.scale + self.shift
 
 
+class MaskPosterior(nn.Module):
+    """``q(Z | x, r, y)`` of ``z_posterior="mask"``: a residual on the rater's ``p(Z | x, r)`` (the statistic heads).
+
+    ``forward(feats, mask, mu_p)``: ``feats`` ``(N, F, h, w)`` backbone features of each pair's image, ``mask``
+    ``(N, s^2, h, w)`` the pair's full-resolution mask folded to the latent resolution (space-to-depth, lossless),
+    ``mu_p`` ``(N, Zc, h, w)`` the rater's prior mean -> ``(dmu, dlogvar)``, each ``(N, Zc, h, w)``: q = N(mu_p + dmu,
+    exp(logvar_p + dlogvar)). Two 3x3 convolutions with ReLU and a 1x1 output that starts at zero, so training
+    starts with q = p (the KL term 0 and every draw what ``z_posterior="rater"`` draws)."""
+
+    def __init__(self, in_channels: int, mask_channels: int, z_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels + mask_channels + z_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, 2 * z_channels, 1),
+        )
+        last = self.net[-1]
+        assert isinstance(last, nn.Conv2d)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.z_channels = int(z_channels)
+
+    def forward(self, feats: Tensor, mask: Tensor, mu_p: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.net(torch.cat([feats, mask.to(feats.dtype), mu_p], 1))
+        return d[:, : self.z_channels], d[:, self.z_channels:]
+
+
 class SegHead(nn.Module):
     """``p(y | tau, Z)``: 1x1 convolutions on ``cat([Z, tile(tau)])`` (as batched matmuls, channel-first).
 
@@ -510,6 +537,14 @@ class ProSeg(MultiRaterModel):
             posterior's standard deviation in every sampling call (0 = the posterior mean). An inference-time
             argument (``INFERENCE_ARGS``): ``proseg evaluate --model-arg z_temperature=2`` changes it on a trained
             checkpoint, so it can be chosen on the validation part.
+        z_posterior: what Z is drawn from in training. ``"rater"``: ``q(Z|x,r)``, the statistic heads, with the KL term
+            to ``N(0, prior_variance)`` (the paper and the reference). ``"mask"``: a conditional VAE as in the
+            Probabilistic U-Net: a posterior ``q(Z|x,r,y)`` (:class:`MaskPosterior`, ``posterior_hidden`` channels)
+            also sees the rater's mask, the statistic heads become the learned conditional prior ``p(Z|x,r)``, and the
+            KL term is ``KL(q(Z|x,r,y) || p(Z|x,r))``. Sampling draws Z from ``p(Z|x,r)`` in both cases. With
+            ``"mask"`` Z can encode how this rater's boundary on this image departs from what p predicts, and p's
+            variance is fitted to that departure, so the samples' spread is learned where the masks are uncertain;
+            with ``"rater"`` nothing in the loss rewards spread, and q narrows where Z's noise would hurt.
         personalized_z_temperature: inference only: the Z temperature of :meth:`sample_personalized` (None = the
             same ``z_temperature`` as every other sampling call). A model whose Z spreads a rater's boundary (the
             energy score) can keep its diverse samples wide and still give each rater a sharp personalized output.
@@ -597,6 +632,8 @@ class ProSeg(MultiRaterModel):
         z_temperature: float = 1.0,
         personalized_z_temperature: float | None = None,
         z_noise_scale: int = 2,
+        z_posterior: str = "rater",
+        posterior_hidden: int = 16,
         presence: bool = True,
         presence_hidden: int = 16,
         presence_weight: float = 1.0,
@@ -627,6 +664,9 @@ class ProSeg(MultiRaterModel):
         if int(z_noise_scale) != z_noise_scale or z_noise_scale < 1:
             raise ValueError(f"z_noise_scale must be an integer >= 1, got {z_noise_scale!r}")
         self.z_noise_scale = int(z_noise_scale)
+        if z_posterior not in ("rater", "mask"):
+            raise ValueError(f"z_posterior must be 'rater' or 'mask', got {z_posterior!r}")
+        self.z_posterior = z_posterior
         if presence_weight < 0:
             raise ValueError(f"presence_weight must be >= 0, got {presence_weight}")
         self.presence, self.presence_weight = bool(presence), float(presence_weight)
@@ -667,6 +707,8 @@ class ProSeg(MultiRaterModel):
         if z_logvar_init is not None:
             with torch.no_grad():
                 self.stat_heads.biases[-1][:, z_channels:] = float(z_logvar_init)
+        self.posterior = (MaskPosterior(feat, self.scale ** 2, z_channels, posterior_hidden)
+                          if z_posterior == "mask" else None)
         self.remap_heads = RaterConvStack(num_raters, (z_channels, *remap_hidden, remap_channels), shared_input=False)
         if recon_decoder == "backbone":
             self.recon: nn.Module = BackboneReconDecoder(
@@ -805,15 +847,21 @@ class ProSeg(MultiRaterModel):
             ce = weighted_mean(ce_pairs, weight.reshape(-1))
 
         mu, logvar = self._stats(feats, stat_raters)  # (B, S, h, w, Zc), h = H / scale
+        if self.posterior is not None:  # "mask": (mu, logvar) is the prior p(Z|x,r); Z comes from q(Z|x,r,y)
+            mu_q, logvar_q = self._mask_posterior(feats, target, mu, logvar)
+        else:
+            mu_q, logvar_q = mu, logvar
         K = self.train_samples
         with record_function("proseg.z_sample"):
             if K == 1:
-                z = self._sample_z(mu, logvar, generator)
+                z = self._sample_z(mu_q, logvar_q, generator)
             else:  # K draws per pair: (B, S, K, h, w, Zc)
                 shape = (B, S, K, *mu.shape[2:])
-                z = self._sample_z(mu[:, :, None].expand(shape), logvar[:, :, None].expand(shape), generator)
+                z = self._sample_z(mu_q[:, :, None].expand(shape), logvar_q[:, :, None].expand(shape), generator)
         with record_function("proseg.loss.kl_z"):
-            kl_z = weighted_mean(gaussian_kl(mu, logvar, 0.0, self.prior_logvar).mean(dim=(2, 3, 4)), weight)
+            kl_el = (gaussian_kl(mu_q, logvar_q, mu, logvar) if self.posterior is not None
+                     else gaussian_kl(mu, logvar, 0.0, self.prior_logvar))
+            kl_z = weighted_mean(kl_el.mean(dim=(2, 3, 4)), weight)
 
         with record_function("proseg.seg_head"):
             logits = self._logits(z, tau if K == 1 else tau[:, :, None], (H, W))  # (B, S[, K], H, W)
@@ -851,6 +899,20 @@ class ProSeg(MultiRaterModel):
                 total = total + self.presence_weight * terms["presence"]
         return {"loss": total, "seg": seg, "kl_tau": kl_tau, "kl_z": kl_z, "ce": ce, "recon": recon, "l2": l2,
                 **terms}
+
+    def _mask_posterior(self, feats: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+        """``q(Z|x,r,y)`` of ``z_posterior="mask"``: ``feats`` ``(B, F, h, w)``, ``target`` ``(B, S, H, W)`` the pairs'
+        masks, ``mu``/``logvar`` ``(B, S, h, w, Zc)`` the raters' prior -> the posterior's ``(mu, logvar)``, same
+        shape and layout."""
+        assert self.posterior is not None
+        B, S, h, w, zc = mu.shape
+        with record_function("proseg.posterior"):
+            f = feats[:, None].expand(B, S, *feats.shape[1:]).reshape(B * S, *feats.shape[1:])
+            y = self._fold(target.reshape(B * S, 1, *target.shape[-2:]))  # (B S, s^2, h, w)
+            dmu, dlv = self.posterior(f, y, mu.reshape(B * S, h, w, zc).permute(0, 3, 1, 2))
+            dmu = dmu.permute(0, 2, 3, 1).reshape(B, S, h, w, zc)
+            dlv = dlv.permute(0, 2, 3, 1).reshape(B, S, h, w, zc)
+            return mu + dmu, logvar + dlv
 
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """p(x|Z) for every rater with one Z draw each: ``(B, R, C, H, W)`` (a diagnostic; the loss uses it)."""
