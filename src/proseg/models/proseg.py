@@ -543,11 +543,11 @@ class ProSeg(MultiRaterModel):
             also sees the rater's mask, the statistic heads become the learned conditional prior ``p(Z|x,r)``, and the
             KL term is ``KL(q(Z|x,r,y) || p(Z|x,r))``. Sampling draws Z from ``p(Z|x,r)`` in both cases. With
             ``"mask"`` Z can encode how this rater's boundary on this image departs from what p predicts, and p's
-            variance is fitted to that departure, so the samples' spread is learned where the masks are uncertain;
-            with ``"rater"`` nothing in the loss rewards spread, and q narrows where Z's noise would hurt.
+            variance is fitted to that departure (with ``"rater"`` nothing in the loss rewards spread, and q narrows
+            where Z's noise would hurt). On LIDC the prior did not follow the posterior (docs/results.md): an option.
         personalized_z_temperature: inference only: the Z temperature of :meth:`sample_personalized` (None = the
-            same ``z_temperature`` as every other sampling call). A model whose Z spreads a rater's boundary (the
-            energy score) can keep its diverse samples wide and still give each rater a sharp personalized output.
+            same ``z_temperature`` as every other sampling call): the diverse samples keep Z's spread while each
+            rater's personalized output is drawn narrower (0: at Z's mean).
     """
 
     supports_personalized = True
