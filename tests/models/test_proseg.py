@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -389,9 +390,27 @@ def test_train_samples_average_the_segmentation_loss_and_add_the_energy_score() 
     assert "es" not in tiny().loss(batch())  # off by default: the stored outputs' loss dicts are unchanged
 
 
+def test_seg_on_mean_scores_the_posterior_mean_and_leaves_the_draws_to_the_energy_score() -> None:
+    torch.manual_seed(0)
+    model = tiny(train_samples=2, es_weight=0.5, seg_on="mean", presence=False)
+    narrow = copy.deepcopy(model)  # the same weights, scoring its draws, with Z's spread made negligible
+    narrow.seg_on = "sample"
+    with torch.no_grad():
+        narrow.stat_heads.biases[-1][:, narrow.z_channels:] = -40.0
+    sampled = copy.deepcopy(narrow)
+    sampled.stat_heads.load_state_dict(model.stat_heads.state_dict())  # scoring draws at the real spread
+    outs = [m.loss(batch(), torch.Generator().manual_seed(3)) for m in (model, narrow, sampled)]
+    torch.testing.assert_close(outs[0]["seg"], outs[1]["seg"], rtol=1e-5, atol=1e-6)  # the mean's seg loss
+    assert not torch.allclose(outs[0]["seg"], outs[2]["seg"])  # not the draws'
+    torch.testing.assert_close(outs[0]["es"], outs[2]["es"])  # the draws are scored by the energy score
+    outs[0]["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_scale_and_energy_score_options_are_checked() -> None:
     bad = ({"scale": 0}, {"scale": 1.5}, {"scale_head": "nearest"}, {"train_samples": 0}, {"es_weight": 1.0},
-           {"es_weight": -1.0, "train_samples": 2})
+           {"es_weight": -1.0, "train_samples": 2}, {"seg_on": "mean"}, {"seg_on": "mode", "train_samples": 2,
+                                                                      "es_weight": 0.1})
     for kw in bad:
         with pytest.raises(ValueError):
             tiny(**kw)

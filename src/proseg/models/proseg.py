@@ -509,6 +509,10 @@ class ProSeg(MultiRaterModel):
             (:func:`proseg.losses.energy_score`; needs ``train_samples >= 2``): a proper scoring rule whose
             pairwise term makes Z's samples disagree where the rater's boundary is uncertain, instead of
             collapsing q(Z|x,r) onto its mean.
+        seg_on: what the segmentation loss scores: ``"sample"`` (the K draws of Z, the ELBO's expectation) or
+            ``"mean"`` (one pass at Z = the posterior mean; the draws are then scored by the energy score alone,
+            so ``es_weight > 0`` is required). ``"mean"`` trains the personalized mean as the default does while
+            the energy score sets Z's spread around it.
         z_noise_scale: f, the resolution of Z's noise: each standard-normal draw is shared by an ``f x f`` block
             of latent pixels (drawn at ``ceil(h/f) x ceil(w/f)``, nearest-upsampled, cropped), in training and
             sampling alike. Every pixel's marginal stays ``N(mu, std^2)`` (the KL term is unchanged), but
@@ -629,6 +633,7 @@ class ProSeg(MultiRaterModel):
         scale_head: str = "smooth",
         train_samples: int = 1,
         es_weight: float = 0.0,
+        seg_on: str = "sample",
         z_temperature: float = 1.0,
         personalized_z_temperature: float | None = None,
         z_noise_scale: int = 2,
@@ -648,6 +653,10 @@ class ProSeg(MultiRaterModel):
         if es_weight < 0 or (es_weight > 0 and train_samples < 2):
             raise ValueError(f"es_weight={es_weight} needs es_weight >= 0 and, when > 0, train_samples >= 2 "
                              f"(the energy score compares samples), got train_samples={train_samples}")
+        if seg_on not in ("sample", "mean") or (seg_on == "mean" and es_weight <= 0):
+            raise ValueError(f"seg_on must be 'sample' or 'mean' ('mean' needs es_weight > 0: without the energy "
+                             f"score nothing would score Z's draws), got seg_on={seg_on!r}, es_weight={es_weight}")
+        self.seg_on = seg_on
         if scale_head not in ("smooth", "shuffle"):
             raise ValueError(f"scale_head must be 'smooth' or 'shuffle', got {scale_head!r}")
         self.scale, self.train_samples, self.es_weight = int(scale), int(train_samples), float(es_weight)
@@ -866,9 +875,16 @@ class ProSeg(MultiRaterModel):
         with record_function("proseg.seg_head"):
             logits = self._logits(z, tau if K == 1 else tau[:, :, None], (H, W))  # (B, S[, K], H, W)
         with record_function("proseg.loss.seg"):
-            flat_w = weight.reshape(-1) if K == 1 else weight[:, :, None].expand(B, S, K).reshape(-1)
-            flat_t = target if K == 1 else target[:, :, None].expand(B, S, K, H, W)
-            seg = segmentation_loss(self.seg_loss_kind, logits.reshape(-1, H, W), flat_t.reshape(-1, H, W), flat_w)
+            if self.seg_on == "mean":  # one more head pass, at Z's posterior mean
+                with record_function("proseg.seg_head"):
+                    mean_logits = self._logits(mu_q, tau, (H, W))  # (B, S, H, W)
+                seg = segmentation_loss(self.seg_loss_kind, mean_logits.reshape(-1, H, W), target.reshape(-1, H, W),
+                                        weight.reshape(-1))
+            else:
+                flat_w = weight.reshape(-1) if K == 1 else weight[:, :, None].expand(B, S, K).reshape(-1)
+                flat_t = target if K == 1 else target[:, :, None].expand(B, S, K, H, W)
+                seg = segmentation_loss(self.seg_loss_kind, logits.reshape(-1, H, W), flat_t.reshape(-1, H, W),
+                                        flat_w)
         terms: dict[str, Tensor] = {}
         if self.presence_head is not None and drew is not None:
             with record_function("proseg.presence"):  # every present rater, not just the pair's
